@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pgbatch.model import configs, paligemma, sharding
+from pgbatch.model.sharding import make_mesh  # noqa: F401  (public)
 from pgbatch.model.configs import PaliGemmaConfig
 
 EOS = paligemma.EOS
