@@ -49,13 +49,15 @@ def text_logits(params, images, tokens, prefix_len, cfg: PaliGemmaConfig):
   return gemma.logits(llm, h[:, p:], cfg.text)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
-def generate_tokens(params, zimg, tokens, lengths, row_valid, *, cfg: PaliGemmaConfig, max_new_tokens: int):
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_at_eos"))
+def generate_tokens(params, zimg, tokens, lengths, row_valid, *, cfg: PaliGemmaConfig, max_new_tokens: int,
+                    stop_at_eos: bool = True):
   """Greedy decoding from image tokens.
 
   zimg [B, P, D]; tokens int32 [B, T] left-aligned prompts (BOS … "\n"), right-padded; lengths int32 [B];
   row_valid bool [B] (False for batch padding). Returns (tokens int32 [B, max_new_tokens], steps int32):
-  row b's new tokens up to its first EOS are meaningful; decoding stops once every valid row hit EOS.
+  row b's new tokens up to its first EOS are meaningful; decoding stops once every valid row hit EOS
+  (with stop_at_eos=False it always runs max_new_tokens steps: benchmarks).
   """
   llm, tcfg = params["llm"], cfg.text
   b, p = zimg.shape[:2]
@@ -76,7 +78,8 @@ def generate_tokens(params, zimg, tokens, lengths, row_valid, *, cfg: PaliGemmaC
   last = jnp.take_along_axis(h, (p + lengths - 1)[:, None, None], axis=1)        # [B, 1, D]
   first = jnp.argmax(gemma.logits(llm, last, tcfg)[:, 0], axis=-1).astype(jnp.int32)
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
-  done = ~row_valid | (first == EOS)
+  eos = EOS if stop_at_eos else -1
+  done = ~row_valid | (first == eos)
 
   def cond(state):
     i, _, _, _, done = state
@@ -92,7 +95,7 @@ def generate_tokens(params, zimg, tokens, lengths, row_valid, *, cfg: PaliGemmaC
                              cache, slot, tcfg)
     tok = jnp.argmax(gemma.logits(llm, h, tcfg)[:, 0], axis=-1).astype(jnp.int32)
     out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
-    return i + 1, out, cache, k_valid, done | (tok == EOS)
+    return i + 1, out, cache, k_valid, done | (tok == eos)
 
   steps, out, _, _, _ = jax.lax.while_loop(cond, step, (jnp.int32(1), out, cache, k_valid, done))
   return out, steps
