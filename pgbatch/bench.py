@@ -122,7 +122,7 @@ def register_bench(parser) -> None:
   parser.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes to sweep")
   parser.add_argument("--new-tokens", type=int, default=20)
   parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--model-parallel", type=int, default=1, help="devices on the mesh's model axis")
+  parser.add_argument("--mesh", default=None, help="DATAxMODEL over the local devices, e.g. 1x8; default one device")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--pipeline", action="store_true", help="time the whole Ray pipeline instead")
   parser.add_argument("--images", type=int, default=256, help="--pipeline: images to annotate")
@@ -135,7 +135,7 @@ def main_bench(args) -> int:
     print(json.dumps(bench_pipeline(args.variant, args.images, args.batch.split(",")[-1], args.workdir)))
     return 0
   cfg = configs.get(args.variant)
-  mesh = make_mesh(model=args.model_parallel) if jax.device_count() > 1 or args.model_parallel > 1 else None
+  mesh = make_mesh(*map(int, args.mesh.lower().split("x"))) if args.mesh else None
   model = random_model(cfg, args.dtype, mesh)
   peak = matmul_peak(args.dtype)
   prompt = [2, 6000, 7000, 108]  # BOS "caption en" "\n"-sized prompt
