@@ -28,11 +28,12 @@ _MODEL_AXIS_FROM_END = {
 
 
 def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
-  """Mesh(("data", "model")) over the local devices; data defaults to all devices / model."""
+  """Mesh(("data", "model")) over the first data*model local devices; data defaults to all devices / model."""
   devices = list(devices if devices is not None else jax.local_devices())
   data = data or len(devices) // model
-  if data * model != len(devices):
-    raise ValueError(f"mesh {data}x{model} does not match {len(devices)} devices")
+  if data < 1 or model < 1 or data * model > len(devices):
+    raise ValueError(f"mesh {data}x{model} needs {data * model} devices, {len(devices)} available")
+  devices = devices[:data * model]
   return Mesh(np.array(devices).reshape(data, model), ("data", "model"))
 
 
