@@ -32,6 +32,7 @@ def free_port() -> int:
 def gcs_emulator(bucket: str = BUCKET) -> Iterator[tuple[object, str]]:
   """Starts the emulator, yields (gcsfs.GCSFileSystem, bucket name), restores the environment after."""
   from gcp_storage_emulator.server import create_server  # pylint: disable=g-import-not-at-top
+  os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # read when gcsfs is first imported
   import fsspec  # pylint: disable=g-import-not-at-top
   import gcsfs  # pylint: disable=g-import-not-at-top
 
