@@ -57,33 +57,33 @@ SPEC_KEYS = ("name", "kind", "lang", "classes", "question", "question_field", "m
 # Arrow types
 
 TEXT_TYPE = pa.struct([
-    field("text", pa.string(), "model output up to EOS, surrounding whitespace stripped"),
+    field("text", pa.string(), "model output up to EOS, surrounding whitespace stripped", False),
     field("prompt", pa.string(), "prompt text sent with the image (without BOS and the trailing newline)"),
-    field("num_tokens", pa.int32(), "tokens generated, EOS included when emitted"),
-    field("truncated", pa.bool_(), "decoding hit max_new_tokens before EOS"),
+    field("num_tokens", pa.int32(), "tokens generated, EOS included when emitted", False),
+    field("truncated", pa.bool_(), "decoding hit max_new_tokens before EOS", False),
 ])
 
 PARSE_ERROR_TYPE = pa.struct([
-    field("part", pa.string(), "the piece of model text that was not understood"),
-    field("reason", pa.string(), "why it was rejected"),
+    field("part", pa.string(), "the piece of model text that was not understood", False),
+    field("reason", pa.string(), "why it was rejected", False),
 ])
 
 _BOX_FIELDS = [
-    field("label", pa.string(), "class, one of the task's classes (the job's spelling)"),
-    field("ymin", pa.float32(), "top edge, fraction of the original image height (loc / 1024)"),
-    field("xmin", pa.float32(), "left edge, fraction of the original image width (loc / 1024)"),
-    field("ymax", pa.float32(), "bottom edge, fraction of the original image height (loc / 1024)"),
-    field("xmax", pa.float32(), "right edge, fraction of the original image width (loc / 1024)"),
-    field("ymin_px", pa.int32(), "top edge in original pixels, round(ymin * height)"),
-    field("xmin_px", pa.int32(), "left edge in original pixels, round(xmin * width)"),
-    field("ymax_px", pa.int32(), "bottom edge in original pixels (exclusive), round(ymax * height)"),
-    field("xmax_px", pa.int32(), "right edge in original pixels (exclusive), round(xmax * width)"),
+    field("label", pa.string(), "class, one of the task's classes (the job's spelling)", False),
+    field("ymin", pa.float32(), "top edge, fraction of the original image height (loc / 1024)", False),
+    field("xmin", pa.float32(), "left edge, fraction of the original image width (loc / 1024)", False),
+    field("ymax", pa.float32(), "bottom edge, fraction of the original image height (loc / 1024)", False),
+    field("xmax", pa.float32(), "right edge, fraction of the original image width (loc / 1024)", False),
+    field("ymin_px", pa.int32(), "top edge in original pixels, round(ymin * height)", False),
+    field("xmin_px", pa.int32(), "left edge in original pixels, round(xmin * width)", False),
+    field("ymax_px", pa.int32(), "bottom edge in original pixels (exclusive), round(ymax * height)", False),
+    field("xmax_px", pa.int32(), "right edge in original pixels (exclusive), round(xmax * width)", False),
 ]
 
 MASK_TYPE = pa.struct([
-    field("height", pa.int32(), "mask height = original image height"),
-    field("width", pa.int32(), "mask width = original image width"),
-    field("rle", pa.list_(pa.int32()), "COCO uncompressed RLE counts, column-major, starting with zeros"),
+    field("height", pa.int32(), "mask height = original image height", False),
+    field("width", pa.int32(), "mask width = original image width", False),
+    field("rle", pa.list_(pa.int32()), "COCO uncompressed RLE counts, column-major, starting with zeros", False),
 ])
 
 DETECTION_TYPE = pa.struct(_BOX_FIELDS)
@@ -94,12 +94,12 @@ SEGMENTATION_TYPE = pa.struct(_BOX_FIELDS + [
 
 def _located_type(object_type: pa.DataType, what: str) -> pa.DataType:
   return pa.struct([
-      field("objects", pa.list_(object_type), f"{what} that parsed, in output order (labels may repeat)"),
-      field("raw", pa.string(), "model output up to EOS, verbatim"),
+      field("objects", pa.list_(object_type), f"{what} that parsed, in output order (labels may repeat)", False),
+      field("raw", pa.string(), "model output up to EOS, verbatim", False),
       field("prompt", pa.string(), "prompt text sent with the image"),
-      field("num_tokens", pa.int32(), "tokens generated, EOS included when emitted"),
-      field("truncated", pa.bool_(), "decoding hit max_new_tokens before EOS"),
-      field("parse_errors", pa.list_(PARSE_ERROR_TYPE), "parts of `raw` that were dropped or incomplete"),
+      field("num_tokens", pa.int32(), "tokens generated, EOS included when emitted", False),
+      field("truncated", pa.bool_(), "decoding hit max_new_tokens before EOS", False),
+      field("parse_errors", pa.list_(PARSE_ERROR_TYPE), "parts of `raw` that were dropped or incomplete", False),
   ])
 
 
