@@ -1,0 +1,214 @@
+"""Batch entry points for the pipeline: PreFilter (image bytes, before annotation) and PostFilter (task text).
+
+Both are thin: they hold lazily loaded filters (so a Ray actor loads each model once) and call the pure
+functions `score_batch`, `apply_policy`/`decide_row`. A filter that raises is retried row by row; rows that
+still fail become error rows (stage "safety") with their task columns nulled: nothing unfiltered is published.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pgbatch import schema
+from pgbatch.safety.base import Finding, Hit, hits_to_findings
+from pgbatch.safety.decide import apply_policy, decide_row
+from pgbatch.safety.policy import IMAGE_FILTERS, TEXT_FILTERS, SafetyPolicy
+from pgbatch.safety.registry import filter_info, load_filter
+
+log = logging.getLogger(__name__)
+PRE_COLUMN = "safety_pre"
+INTERNAL_COLUMNS = {PRE_COLUMN, "image_bytes", "pixels"}
+
+
+def score_batch(score: Callable[[list], list[list[Hit]]], items: list) -> tuple[list[list[Hit] | None], list]:
+  """Run `score` on the batch; if it raises, retry item by item. Returns (hits or None, exceptions)."""
+  try:
+    hits = score(items)
+    if len(hits) != len(items):
+      raise RuntimeError(f"filter returned {len(hits)} results for {len(items)} inputs")
+    return list(hits), [None] * len(items)
+  except Exception:  # noqa: BLE001 - isolate the failing rows below
+    out, errs = [], []
+    for it in items:
+      try:
+        (h,) = score([it])
+        out.append(h)
+        errs.append(None)
+      except Exception as e:  # noqa: BLE001
+        out.append(None)
+        errs.append(e)
+    return out, errs
+
+
+def error_info(name: str, exc: BaseException) -> dict:
+  """Error struct for a failed filter; the exception text is logged, not stored (it may quote the input)."""
+  log.warning("safety filter %s failed: %r", name, exc)
+  return {"stage": "safety", "type": type(exc).__name__, "message": f"safety filter '{name}' raised; row withheld"}
+
+
+class _Filters:
+  """Lazily loaded filters of one policy."""
+
+  def __init__(self, policy: SafetyPolicy, names: tuple[str, ...]):
+    self.policy = policy if isinstance(policy, SafetyPolicy) else SafetyPolicy.model_validate(policy)
+    self.names = self.policy.enabled(names)
+    self._loaded: dict[str, Any] = {}
+
+  def get(self, name: str):
+    if name not in self._loaded:
+      self._loaded[name] = load_filter(name, self.policy)
+    return self._loaded[name]
+
+  def score(self, name: str, items: list) -> tuple[list, list]:
+    """score_batch with load failures counted as failures of every item."""
+    try:
+      f = self.get(name)
+    except Exception as e:  # noqa: BLE001
+      return [None] * len(items), [e] * len(items)
+    return score_batch(f.score, items)
+
+
+def encode_pre(findings: list[Finding], error: dict | None) -> str:
+  return json.dumps({"findings": [list(f) for f in findings], "error": error}, separators=(",", ":"))
+
+
+def decode_pre(s: str | None) -> tuple[list[Finding], dict | None]:
+  if not s:
+    return [], None
+  d = json.loads(s)
+  return [Finding(*f) for f in d["findings"]], d["error"]
+
+
+class PreFilter(_Filters):
+  """Image stage, before annotation. Input: numpy batch dict with `image_bytes` (bytes or None), `status`, `key`.
+
+  Scores the raw bytes (the NSFW filter decodes its own reduced copy; decoded pixels are not needed).
+  Adds `safety_pre` (JSON string per row: image findings and any filter error) and sets `status` to
+  'filtered' for drop_content rows and 'error' for rows whose filter failed, so annotation skips both.
+  """
+
+  def __init__(self, policy: SafetyPolicy | dict | None = None):
+    super().__init__(policy, IMAGE_FILTERS)
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n = len(batch["status"])
+    status = np.asarray(batch["status"], dtype=object).copy()
+    data = batch["image_bytes"]
+    findings: list[list[Finding]] = [[] for _ in range(n)]
+    errors: list[dict | None] = [None] * n
+    live = [i for i in range(n) if status[i] == "ok" and data[i] is not None]
+    for name in self.names:  # hashlist before nsfw: a known-bad image never reaches the model
+      hits, errs = self.score(name, [bytes(data[i]) for i in live])
+      for i, h, e in zip(live, hits, errs):
+        if e is not None:
+          errors[i] = error_info(name, e)
+        else:
+          findings[i] += hits_to_findings(name, "image", h)
+      live = [i for i in live if errors[i] is None and apply_policy(findings[i], self.policy).decision != "filtered"]
+    for i in range(n):
+      if errors[i] is not None:
+        status[i] = "error"
+      elif apply_policy(findings[i], self.policy).decision == "filtered":
+        status[i] = "filtered"
+    out = dict(batch)
+    out["status"] = status
+    out[PRE_COLUMN] = np.array([encode_pre(f, e) for f, e in zip(findings, errors)], dtype=object)
+    return out
+
+
+def _fixed(name: str) -> pa.Field:
+  return next(f for f in schema.FIXED_FIELDS if f.name == name)
+
+
+def _set(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
+  field = _fixed(name) if name in {f.name for f in schema.FIXED_FIELDS} else table.schema.field(name)
+  i = table.schema.get_field_index(name)
+  return table.set_column(i, field, arr) if i >= 0 else table.append_column(field, arr)
+
+
+class PostFilter(_Filters):
+  """Text stage, after annotation. Input: pyarrow Table (or dict of columns) with the task columns, `status`
+  and (optionally) `safety_pre`. Output: task text redacted or nulled, `status`/`error` updated, `safety`
+  filled (schema.SAFETY_TYPE), `safety_pre` dropped.
+
+  text_fields: task columns of struct<text, ...> to score (caption / ocr / answer).
+  task_fields: every task column to null on drop_content or error; default: all columns that are neither
+  fixed output columns nor internal (safety_pre, image_bytes, pixels).
+  """
+
+  def __init__(self, policy: SafetyPolicy | dict | None = None, text_fields: list[str] = (),
+               task_fields: list[str] | None = None):
+    super().__init__(policy, TEXT_FILTERS)
+    self.text_fields = list(text_fields)
+    self.task_fields = None if task_fields is None else list(task_fields)
+    self.policy_digest = self.policy.digest()
+
+  def provenance_filters(self) -> list[dict]:
+    """provenance.safety_filters: every enabled filter, image and text (schema.SAFETY_FILTER_TYPE)."""
+    return [filter_info(n, self.policy) for n in self.policy.enabled()]
+
+  def _task_fields(self, table: pa.Table) -> list[str]:
+    if self.task_fields is not None:
+      return [c for c in self.task_fields if c in table.column_names]
+    fixed = {f.name for f in schema.FIXED_FIELDS}
+    return [c for c in table.column_names if c not in fixed and c not in INTERNAL_COLUMNS and not c.startswith("_")]
+
+  def _score_texts(self, values: dict[str, list], n: int):
+    """Findings and errors per row from every enabled text filter over the fields it applies to."""
+    findings: list[list[Finding]] = [[] for _ in range(n)]
+    errors: list[dict | None] = [None] * n
+    for name in self.names:
+      pol = self.policy.filter(name)
+      items = [(i, c, v["text"]) for c, col in values.items() if pol.applies_to(c)
+               for i, v in enumerate(col) if v is not None and isinstance(v.get("text"), str)]
+      hits, errs = self.score(name, [t for _, _, t in items])
+      for (i, c, _), h, e in zip(items, hits, errs):
+        if e is not None:
+          errors[i] = errors[i] or error_info(name, e)
+        else:
+          findings[i] += hits_to_findings(name, f"{c}.text", h)
+    return findings, errors
+
+  def __call__(self, table: pa.Table | dict) -> pa.Table:
+    if not isinstance(table, pa.Table):
+      table = pa.table(table)
+    n = table.num_rows
+    text_cols = [c for c in self.text_fields if c in table.column_names]
+    values = {c: table.column(c).to_pylist() for c in text_cols}
+    pre = [decode_pre(s) for s in (table.column(PRE_COLUMN).to_pylist() if PRE_COLUMN in table.column_names
+                                   else [None] * n)]
+    text_findings, text_errors = self._score_texts(values, n)
+    status = table.column("status").to_pylist()
+    errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * n
+    records, withheld = [], np.zeros(n, dtype=bool)
+    for i in range(n):
+      findings = pre[i][0] + text_findings[i]
+      texts = {f"{c}.text": values[c][i]["text"] for c in text_cols
+               if values[c][i] is not None and isinstance(values[c][i].get("text"), str)}
+      err = pre[i][1] or text_errors[i]
+      if err is not None:
+        _, _, rec = decide_row(findings, self.policy, {}, self.policy_digest)
+        rec["decision"] = "filtered"
+        status[i], errors[i], withheld[i] = "error", err, True
+      else:
+        decision, written, rec = decide_row(findings, self.policy, texts, self.policy_digest)
+        if decision == "filtered":
+          status[i], withheld[i] = "filtered", True
+        for key, text in written.items():
+          values[key[:-len(".text")]][i]["text"] = text
+      records.append(rec)
+    for c in text_cols:
+      table = _set(table, c, pa.array(values[c], type=table.schema.field(c).type))
+    mask = pa.array(withheld)
+    for c in self._task_fields(table):
+      col = table.column(c).combine_chunks()
+      table = _set(table, c, pc.if_else(mask, pa.nulls(n, col.type), col))
+    table = _set(table, "status", pa.array(status, pa.string()))
+    table = _set(table, "error", pa.array(errors, schema.ERROR_TYPE))
+    table = _set(table, "safety", pa.array(records, schema.SAFETY_TYPE))
+    return table.drop_columns([PRE_COLUMN]) if PRE_COLUMN in table.column_names else table

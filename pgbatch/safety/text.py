@@ -1,0 +1,76 @@
+"""Text filters: toxicity (alt-profanity-check) and word lists with spans (safetext's multilingual lists).
+
+Each filter holds its loaded model and exposes `score(texts) -> list[list[Hit]]`, one list per text.
+"""
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+
+from pgbatch.safety.base import Hit
+
+# languages written without spaces between words: match word-list entries as substrings
+NO_WORD_BOUNDARY = {"ch", "ja", "zh"}
+
+
+class ToxicityFilter:
+  """Calibrated probability that a text is toxic/vulgar (linear SVM + calibration, weights in the wheel)."""
+  name = "toxicity"
+  categories = ("toxicity",)
+
+  def __init__(self):
+    import profanity_check  # loads vectorizer + model from the wheel on import
+    self._vectorizer = profanity_check.profanity_check.vectorizer
+    self._model = profanity_check.profanity_check.model
+
+  def score(self, texts: list[str]) -> list[list[Hit]]:
+    if not texts:
+      return []
+    probs = self._model.predict_proba(self._vectorizer.transform(texts))[:, 1]
+    return [[Hit("toxicity", float(p))] for p in probs]
+
+
+def wordlist_path(lang: str) -> str:
+  return str(resources.files("safetext").joinpath("languages", lang, "words.txt"))
+
+
+def read_words(path: str) -> list[str]:
+  with open(path, encoding="utf-8") as f:
+    return sorted({w.strip().lower() for w in f if w.strip() and not w.startswith("#")}, key=lambda w: (-len(w), w))
+
+
+def compile_wordlist(words: list[str], boundaries: bool) -> re.Pattern:
+  """One case-insensitive alternation, longest entries first; whole words unless `boundaries` is False."""
+  alt = "|".join(re.escape(w).replace(r"\ ", r"\s+") for w in words)
+  return re.compile(rf"(?<!\w)(?:{alt})(?!\w)" if boundaries else f"(?:{alt})", re.IGNORECASE)
+
+
+def match_spans(pattern: re.Pattern, text: str) -> list[tuple[int, int]]:
+  return [(m.start(), m.end()) for m in pattern.finditer(text)]
+
+
+class WordlistFilter:
+  """Word-list matcher giving spans (category `profanity`, score 1.0) for redaction."""
+  name = "wordlist"
+  categories = ("profanity",)
+
+  def __init__(self, languages: list[str]):
+    self._paths = [wordlist_path(lang) for lang in sorted(set(languages))]
+    self._patterns = [compile_wordlist(read_words(p), os.path.basename(os.path.dirname(p)) not in NO_WORD_BOUNDARY)
+                      for p in self._paths]
+
+  def score(self, texts: list[str]) -> list[list[Hit]]:
+    return [merge_hits([Hit("profanity", 1.0, s, e) for p in self._patterns for s, e in match_spans(p, t)])
+            for t in texts]
+
+
+def merge_hits(hits: list[Hit]) -> list[Hit]:
+  """Union overlapping spans of the same category (several languages may match one word)."""
+  out: list[Hit] = []
+  for h in sorted(hits, key=lambda h: (h.category, h.start, -h.end)):
+    if out and out[-1].category == h.category and h.start < out[-1].end:
+      out[-1] = out[-1]._replace(end=max(out[-1].end, h.end), score=max(out[-1].score, h.score))
+    else:
+      out.append(h)
+  return sorted(out, key=lambda h: (h.start, h.end))
