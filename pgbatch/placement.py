@@ -1,0 +1,240 @@
+"""Where the annotate stage runs: `resources` (from the job spec) → Ray arguments, mesh shape, actor robustness.
+
+Pure functions; the only module-level Ray import is lazy so the Engine side can use `mesh_shape` without Ray.
+
+How the pipeline uses it::
+
+    ds = ds.map_batches(decode, runtime_env=cpu_stage_env(), ...)            # decode / safety / sink
+    ds = ds.map_batches(Annotator, batch_size=res.batch_size, **annotate_ray_args(res))
+    configure_data_context(ray.data.DataContext.get_current(), res)
+
+and inside the annotate actor::
+
+    self.engine = init_with_retry(lambda: Engine(cfg, params, mesh=jax.make_mesh(mesh_shape(n, variant), ("data", "model"))))
+    ...
+    except Exception as e:
+      exit_if_fatal(e)     # device lost / HBM corrupted → the actor process exits, Ray Data replaces it
+      raise
+
+Accelerators (`resources.accelerator`):
+- `cpu`: one CPU actor per `actors`; the default and what tests and the demo use.
+- `gpu`: `num_gpus=chips_per_actor`; `XLA_PYTHON_CLIENT_MEM_FRACTION` caps JAX's preallocation so the
+  safety filters or decode can share the GPU node.
+- `tpu`: `resources={"TPU": chips_per_actor}` (8 on a v5e host): one actor per TPU host; Ray sets
+  `TPU_VISIBLE_CHIPS` for it. Multi-host slices: `tpu_slice_placement_group` (see there).
+Every CPU stage gets `JAX_PLATFORMS=cpu` so no other process grabs the accelerator.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ACCELERATORS = ("cpu", "gpu", "tpu")
+DEFAULTS = dict(accelerator="cpu", actors=1, chips_per_actor=1, num_cpus=1.0, memory_fraction=0.75,
+                topology=None, init_retries=3, init_backoff_s=2.0, no_progress_timeout_s=3600.0,
+                wait_for_actors_s=1800.0)
+V5E_CHIPS_PER_HOST = 8
+# bf16 weights must fit in this share of one device's memory; the rest is KV cache and activations.
+WEIGHT_MEMORY_SHARE = 0.5
+DEFAULT_DEVICE_MEMORY = {"tpu": 16 << 30, "gpu": 80 << 30, "cpu": 1 << 40}  # v5e HBM, H100, host RAM
+
+# Messages after which this process's accelerator is unusable, whatever the exception type.
+FATAL_DEVICE_MARKERS = (
+    "CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_LAUNCH_FAILED", "CUDA_ERROR_ECC_UNCORRECTABLE",
+    "CUDA_ERROR_DEVICE_UNAVAILABLE", "CUDA_ERROR_UNKNOWN", "cudaErrorIllegalAddress",
+    "uncorrectable ECC", "GPU has fallen off the bus", "NCCL error",
+    "TPU halted", "TPU device error", "Failed to get TPU", "TPU initialization failed",
+    "Unable to initialize backend 'tpu'", "Unable to initialize backend 'cuda'",
+)
+# XLA status codes that mean the runtime (not the program) broke; only for XLA's own exception types.
+FATAL_XLA_STATUS = ("DATA_LOSS", "UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED", "INTERNAL: Failed to")
+XLA_EXCEPTION_TYPES = ("XlaRuntimeError", "JaxRuntimeError")
+
+
+def field(resources: Any, name: str) -> Any:
+  """A field of `resources` (pydantic model, dataclass, dict or None), else its default."""
+  if resources is None:
+    return DEFAULTS[name]
+  value = resources.get(name) if isinstance(resources, Mapping) else getattr(resources, name, None)
+  return DEFAULTS[name] if value is None else value
+
+
+def accelerator(resources: Any) -> str:
+  acc = str(field(resources, "accelerator")).lower()
+  if acc not in ACCELERATORS:
+    raise ValueError(f"resources.accelerator must be one of {ACCELERATORS}, got {acc!r}")
+  return acc
+
+
+def cpu_stage_env() -> dict:
+  """Runtime env for every non-annotate stage: JAX (if imported) stays off the accelerator."""
+  return {"env_vars": {"JAX_PLATFORMS": "cpu"}}
+
+
+def annotate_env(resources: Any) -> dict:
+  """Runtime env of the annotate actors."""
+  acc = accelerator(resources)
+  env = {"PGBATCH_ACCELERATOR": acc}
+  if acc == "gpu":
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{float(field(resources, 'memory_fraction')):.2f}"
+  if acc == "cpu":
+    env["JAX_PLATFORMS"] = "cpu"
+  return {"env_vars": env}
+
+
+def annotate_ray_args(resources: Any) -> dict:
+  """Keyword arguments for `ds.map_batches(AnnotateActor, **annotate_ray_args(resources))`.
+
+  One actor pool of `actors` actors; each holds `chips_per_actor` accelerators. A crashed actor is
+  restarted without limit (`max_restarts=-1`) and its in-flight batch retried (`max_task_retries=-1`).
+  """
+  from ray.data import ActorPoolStrategy
+  acc, chips, actors = accelerator(resources), int(field(resources, "chips_per_actor")), int(field(resources, "actors"))
+  if chips < 1 or actors < 1:
+    raise ValueError(f"resources.actors and chips_per_actor must be >= 1, got {actors}, {chips}")
+  args = dict(compute=ActorPoolStrategy(size=actors), num_cpus=float(field(resources, "num_cpus")),
+              runtime_env=annotate_env(resources), max_restarts=-1, max_task_retries=-1)
+  if acc == "gpu":
+    args["num_gpus"] = chips
+  elif acc == "tpu":
+    args["resources"] = {"TPU": chips}
+  return args
+
+
+def configure_data_context(ctx: Any, resources: Any = None) -> Any:
+  """Bound every wait so a lost actor fails the job instead of hanging it at 99%.
+
+  Constructor errors are retried in the actor (`init_retries`), actors that die while starting are
+  replaced, actors that never get placed time out (`wait_for_actors_s`), and an execution that makes
+  no progress for `no_progress_timeout_s` raises.
+  """
+  ctx.actor_init_retry_on_errors = True
+  ctx.actor_init_max_retries = int(field(resources, "init_retries"))
+  ctx.max_consecutive_actor_init_deaths = max(2, 2 * int(field(resources, "actors")))
+  ctx.wait_for_min_actors_s = int(field(resources, "wait_for_actors_s"))
+  ctx.execution_no_progress_timeout_s = float(field(resources, "no_progress_timeout_s"))
+  return ctx
+
+
+# --- mesh -----------------------------------------------------------------------------------------------
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def mesh_shape(num_devices: int, variant: str, device_memory_bytes: int | None = None,
+               accelerator_kind: str = "tpu") -> tuple[int, int]:
+  """`(data, model)` for a Mesh over one actor's devices.
+
+  28B models are sharded over `model` on all devices. Others use the smallest `model` axis (dividing the
+  device count and the head count) whose bf16 weight shard fits `WEIGHT_MEMORY_SHARE` of one device;
+  the rest of the devices replicate along `data`.
+  """
+  if num_devices < 1:
+    raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+  if "28b" in variant:
+    return 1, num_devices
+  from pgbatch.model import configs
+  cfg = configs.get(variant)
+  budget = WEIGHT_MEMORY_SHARE * (device_memory_bytes or DEFAULT_DEVICE_MEMORY[accelerator_kind])
+  weights = 2 * configs.num_params(cfg)
+  fits = [m for m in _divisors(num_devices) if weights / m <= budget]
+  heads_ok = [m for m in fits if cfg.text.num_heads % m == 0]
+  model = (heads_ok or fits or [num_devices])[0]
+  return num_devices // model, model
+
+
+# --- TPU slices -----------------------------------------------------------------------------------------
+
+
+def tpu_slice_supported() -> bool:
+  """True when this Ray has `ray.util.tpu.SlicePlacementGroup` (Ray >= 2.49)."""
+  try:
+    from ray.util import tpu
+  except ImportError:
+    return False
+  return hasattr(tpu, "slice_placement_group") or hasattr(tpu, "SlicePlacementGroup")
+
+
+def tpu_slice_placement_group(topology: str, accelerator_version: str = "v5litepod", num_slices: int = 1):
+  """Reserve whole TPU slice(s) (one bundle per host, `TPU: chips_per_host`) for a multi-host mesh.
+
+  Returns `(placement_group, num_hosts)`; schedule one annotate actor per host with
+  `PlacementGroupSchedulingStrategy(placement_group)` and let JAX's distributed runtime span the slice
+  (`jax.distributed.initialize()` picks up the TPU worker env Ray sets). Raises `RuntimeError` on a Ray
+  without slice placement groups: single-host placement (`annotate_ray_args`) still works there.
+  """
+  if not tpu_slice_supported():
+    raise RuntimeError("this Ray has no ray.util.tpu slice placement groups; use one actor per host")
+  from ray.util import tpu
+  handle = tpu.slice_placement_group(topology, accelerator_version, num_slices=num_slices)
+  return handle.placement_group, handle.num_hosts
+
+
+def tpu_chips_per_host(topology: str | None, accelerator_version: str = "v5litepod") -> int:
+  """Chips one host of a slice owns (8 for a v5e host); `TPU` resource per actor."""
+  if not topology:
+    return V5E_CHIPS_PER_HOST
+  try:
+    from ray.util import tpu
+    return int(tpu.get_chips_per_host(topology, accelerator_version))
+  except (ImportError, AttributeError, ValueError):
+    dims = [int(d) for d in topology.split("x")]
+    total = 1
+    for d in dims:
+      total *= d
+    return min(total, V5E_CHIPS_PER_HOST)
+
+
+# --- actor robustness -----------------------------------------------------------------------------------
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+  """True when `exc` means this process's accelerator is gone or corrupted (retrying here is pointless)."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    text = str(exc)
+    if any(m in text for m in FATAL_DEVICE_MARKERS):
+      return True
+    if type(exc).__name__ in XLA_EXCEPTION_TYPES and text.lstrip().startswith(FATAL_XLA_STATUS):
+      return True
+    exc = exc.__cause__ or exc.__context__
+  return False
+
+
+def exit_actor(code: int = 1) -> None:
+  """End this worker process so Ray restarts the actor (never returns).
+
+  `os._exit`, not `ray.actor.exit_actor()`: the latter is an intended exit, which Ray never restarts.
+  """
+  logging.shutdown()
+  os._exit(code)
+
+
+def exit_if_fatal(exc: BaseException, exit_fn: Callable[[int], None] = exit_actor) -> None:
+  """Call from the actor's `except`: a fatal device error kills the process; anything else returns."""
+  if is_fatal_device_error(exc):
+    log.error("fatal device error, exiting so Ray replaces this actor: %s", exc)
+    exit_fn(1)
+
+
+def init_with_retry(make: Callable[[], T], retries: int = 3, backoff_s: float = 2.0,
+                    sleep: Callable[[float], None] = time.sleep) -> T:
+  """`make()` with up to `retries` retries (exponential backoff); a fatal device error exits at once."""
+  for attempt in range(retries + 1):
+    try:
+      return make()
+    except Exception as e:  # noqa: BLE001 - every init failure is retried, then re-raised
+      exit_if_fatal(e)
+      if attempt == retries:
+        raise
+      log.warning("actor init failed (attempt %d/%d): %s", attempt + 1, retries + 1, e)
+      sleep(backoff_s * 2 ** attempt)
+  raise AssertionError("unreachable")

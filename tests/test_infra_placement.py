@@ -1,0 +1,137 @@
+"""Unit tests of `pgbatch.placement`: resources → Ray args, mesh shapes, fatal errors, init retries."""
+import pytest
+
+from pgbatch import placement
+
+
+def test_cpu_default_args():
+  args = placement.annotate_ray_args(None)
+  assert args["compute"].min_size == args["compute"].max_size == 1
+  assert "num_gpus" not in args and "resources" not in args
+  assert args["runtime_env"]["env_vars"]["JAX_PLATFORMS"] == "cpu"
+  assert args["max_restarts"] == -1 and args["max_task_retries"] == -1
+
+
+def test_gpu_args_from_dict():
+  args = placement.annotate_ray_args({"accelerator": "gpu", "actors": 3, "chips_per_actor": 2,
+                                      "memory_fraction": 0.6})
+  assert args["num_gpus"] == 2 and args["compute"].max_size == 3
+  env = args["runtime_env"]["env_vars"]
+  assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.60"
+  assert "JAX_PLATFORMS" not in env  # JAX picks the GPU
+
+
+def test_tpu_args_from_object():
+  class Res:  # any object with attributes works (the JobSpec's pydantic model)
+    accelerator, actors, chips_per_actor, batch_size = "TPU", 2, 8, 32
+  args = placement.annotate_ray_args(Res())
+  assert args["resources"] == {"TPU": 8} and "num_gpus" not in args
+  assert args["runtime_env"]["env_vars"] == {"PGBATCH_ACCELERATOR": "tpu"}
+
+
+def test_map_batches_accepts_args():
+  import inspect
+  import ray.data
+  params = inspect.signature(ray.data.Dataset.map_batches).parameters
+  for key in placement.annotate_ray_args({"accelerator": "tpu"}):
+    assert key in params or key in ("max_restarts", "max_task_retries")  # the latter via **ray_remote_args
+
+
+@pytest.mark.parametrize("bad", [{"accelerator": "fpga"}, {"actors": 0}, {"chips_per_actor": 0}])
+def test_bad_resources(bad):
+  with pytest.raises(ValueError):
+    placement.annotate_ray_args(bad)
+
+
+def test_cpu_stage_env():
+  assert placement.cpu_stage_env() == {"env_vars": {"JAX_PLATFORMS": "cpu"}}
+
+
+def test_configure_data_context_bounds_waits():
+  from ray.data import DataContext
+  ctx = placement.configure_data_context(DataContext(), {"actors": 4, "no_progress_timeout_s": 60})
+  assert ctx.actor_init_retry_on_errors and ctx.actor_init_max_retries == 3
+  assert ctx.max_consecutive_actor_init_deaths == 8
+  assert ctx.execution_no_progress_timeout_s == 60 and ctx.wait_for_min_actors_s > 0
+
+
+@pytest.mark.parametrize("n,variant,kind,expect", [
+    (8, "pg2-28b-224", "tpu", (1, 8)),
+    (4, "pg2-28b-896", "gpu", (1, 4)),
+    (8, "pg2-3b-224", "tpu", (8, 1)),       # 6 GB bf16 fits half a v5e chip
+    (8, "pg2-10b-448", "tpu", (2, 4)),      # 20 GB bf16: 4-way model sharding on 16 GB chips
+    (8, "pg2-10b-448", "gpu", (8, 1)),      # fits one H100
+    (1, "pg2-10b-448", "tpu", (1, 1)),      # nothing to shard over
+    (8, "tiny-pg2", "cpu", (8, 1)),
+    (6, "pg1-3b-224", "tpu", (6, 1)),
+])
+def test_mesh_shape(n, variant, kind, expect):
+  data, model = placement.mesh_shape(n, variant, accelerator_kind=kind)
+  assert (data, model) == expect and data * model == n
+
+
+def test_mesh_shape_respects_heads_and_memory():
+  # 10B on 8 devices with 4 GB each: needs model >= 5 → 8 (divides 16 heads).
+  assert placement.mesh_shape(8, "pg2-10b-224", device_memory_bytes=4 << 30) == (1, 8)
+  with pytest.raises(ValueError):
+    placement.mesh_shape(0, "tiny-pg1")
+
+
+class XlaRuntimeError(RuntimeError):
+  """Same name as jaxlib's, which is what the check keys on."""
+
+
+@pytest.mark.parametrize("exc,fatal", [
+    (RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access"), True),
+    (XlaRuntimeError("DATA_LOSS: TPU chip 3 reported an uncorrectable error"), True),
+    (XlaRuntimeError("UNAVAILABLE: TPU halted"), True),
+    (XlaRuntimeError("INVALID_ARGUMENT: shapes do not match"), False),
+    (XlaRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 2GiB"), False),
+    (RuntimeError("Unable to initialize backend 'tpu': ABORTED: device busy"), True),
+    (ValueError("bad image"), False),
+    (KeyError("UNAVAILABLE"), False),
+])
+def test_is_fatal_device_error(exc, fatal):
+  assert placement.is_fatal_device_error(exc) is fatal
+
+
+def test_fatal_error_found_in_cause_chain():
+  try:
+    try:
+      raise XlaRuntimeError("DATA_LOSS: HBM parity")
+    except XlaRuntimeError as inner:
+      raise ValueError("batch failed") from inner
+  except ValueError as outer:
+    assert placement.is_fatal_device_error(outer)
+
+
+def test_exit_if_fatal_calls_exit_only_for_fatal():
+  codes = []
+  placement.exit_if_fatal(ValueError("x"), exit_fn=codes.append)
+  placement.exit_if_fatal(RuntimeError("GPU has fallen off the bus"), exit_fn=codes.append)
+  assert codes == [1]
+
+
+def test_init_with_retry_retries_then_succeeds():
+  calls, sleeps = [], []
+  def make():
+    calls.append(1)
+    if len(calls) < 3:
+      raise OSError("checkpoint read timed out")
+    return "engine"
+  assert placement.init_with_retry(make, retries=3, backoff_s=1, sleep=sleeps.append) == "engine"
+  assert len(calls) == 3 and sleeps == [1, 2]
+
+
+def test_init_with_retry_gives_up():
+  def make():
+    raise OSError("still down")
+  with pytest.raises(OSError, match="still down"):
+    placement.init_with_retry(make, retries=2, backoff_s=0, sleep=lambda s: None)
+
+
+def test_tpu_slice_helpers():
+  assert placement.tpu_slice_supported()  # Ray 2.60 ships ray.util.tpu slice placement groups
+  assert placement.tpu_chips_per_host(None) == 8
+  assert placement.tpu_chips_per_host("2x4", "v5litepod") == 8
+  assert placement.tpu_chips_per_host("4x4", "v5litepod") in (4, 8)
