@@ -24,15 +24,9 @@ PROMPT_BUCKETS = (8, 16, 32, 64, 128, 256, 512)
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
-  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
-  tree: dict = {}
-  for name, value in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return tree
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}} (params are plain nested dicts, as in big_vision)."""
+  from flax import traverse_util
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def random_params(variant: str | PaliGemmaConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
