@@ -117,6 +117,63 @@ def bench_engine(model: PaliGemma, batch: int, new_tokens: int, prompt: list[int
               num_devices=jax.device_count(), mesh=dict(model.mesh.shape) if model.mesh else None)
 
 
+def default_accelerator() -> str:
+  return {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "cpu")
+
+
+def bench_pipeline(variant: str, images: int, batch: int, workdir: str | None = None, dtype: str = "bfloat16",
+                   new_tokens: int = 20, repeats: int = 3) -> dict:
+  """The whole Ray pipeline (WebDataset shards on local disk → decode → annotate → safety → Parquet) on a
+  random-weight checkpoint of `variant`, then the engine alone on the same batch size in this process.
+
+  Returns images/s of both and their ratio. The pipeline figure is wall-clock over the whole run, so it
+  includes Ray start, model load and compilation: use enough images for those to amortize.
+  """
+  import pathlib
+  import tempfile
+
+  import ray
+  import yaml
+
+  from pgbatch import checkpoints, config, demo, pipeline, tokenizer
+  from pgbatch.model import random_params
+
+  root = pathlib.Path(workdir or tempfile.mkdtemp(prefix="pgbatch-bench-")).resolve()
+  ckpt, tok = root / "model" / f"{variant}-RANDOM-WEIGHTS.npz", root / "model" / "test_tokenizer.model"
+  ckpt.parent.mkdir(parents=True, exist_ok=True)
+  if not ckpt.exists():
+    checkpoints.write_npz(random_params(variant, seed=0), str(ckpt))
+  if not tok.exists():
+    tokenizer.build_test_tokenizer(str(tok))
+  photos = [s for s in demo.samples() if s[0] != "broken"]
+  rows = [(f"{photos[i % len(photos)][0]}-{i:07d}", *photos[i % len(photos)][1:]) for i in range(images)]
+  shard_dir = root / f"shards-{images}"
+  if not shard_dir.exists():
+    demo.write_shards(shard_dir, rows, shards=max(1, images // (4 * batch)))
+  out = pathlib.Path(tempfile.mkdtemp(prefix="out-", dir=root))
+  spec_dict = {
+      "name": f"bench-{variant}", "input": {"uri": str(shard_dir / "*.tar"), "format": "webdataset"},
+      "output": {"uri": str(out) + "/"},
+      "model": {"checkpoint": str(ckpt), "tokenizer": str(tok), "variant": variant, "dtype": dtype},
+      "tasks": [{"name": "caption_en", "kind": "caption", "lang": "en", "max_new_tokens": new_tokens}],
+      "resources": {"accelerator": default_accelerator(), "actors": 1, "chips_per_actor": 1,
+                    "batch_size": batch},
+  }
+  (root / "job.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False))
+  spec = config.load(str(root / "job.yaml"), environ={})
+  summary = pipeline.run(spec, progress=False)
+  ray.shutdown()  # frees the actor's device memory before the engine-only run
+  pipeline_ips = summary.images / summary.seconds
+  cfg = configs.get(variant)
+  engine = bench_engine(random_model(cfg, dtype), batch, new_tokens, [2, 6000, 7000, 108], repeats)
+  return dict(variant=variant, images=summary.images, batch=batch, new_tokens=new_tokens, dtype=dtype,
+              pipeline_seconds=round(summary.seconds, 2), pipeline_images_per_s=round(pipeline_ips, 2),
+              engine_images_per_s=engine["images_per_s"],
+              pipeline_over_engine=round(pipeline_ips / engine["images_per_s"], 3),
+              status=dict(ok=summary.ok, error=summary.error, filtered=summary.filtered),
+              output=str(out), device=engine["device"])
+
+
 def register_bench(parser) -> None:
   parser.add_argument("--variant", default="tiny-pg1", help="model variant (pgbatch models)")
   parser.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes to sweep")
@@ -131,8 +188,8 @@ def register_bench(parser) -> None:
 
 def main_bench(args) -> int:
   if args.pipeline:
-    from pgbatch.demo import bench_pipeline
-    print(json.dumps(bench_pipeline(args.variant, args.images, args.batch.split(",")[-1], args.workdir)))
+    print(json.dumps(bench_pipeline(args.variant, args.images, int(args.batch.split(",")[-1]), args.workdir,
+                                    args.dtype, args.new_tokens, args.repeats)))
     return 0
   cfg = configs.get(args.variant)
   mesh = make_mesh(*map(int, args.mesh.lower().split("x"))) if args.mesh else None
