@@ -191,6 +191,12 @@ class Task:
                   prompts: Optional[Sequence[Optional[str]]] = None) -> list[dict]:
     """`parse` over many images; segment tasks decode all their masks in one VQ-VAE call."""
     n = len(texts)
+    given = {"num_tokens": num_tokens, "truncated": truncated, "widths": widths, "heights": heights}
+    if prompts is not None:
+      given["prompts"] = prompts
+    for what, values in given.items():
+      if len(values) != n:
+        raise ValueError(f"task {self.name!r}: {len(values)} {what} for {n} texts")
     prompts = list(prompts) if prompts is not None else [self._static_prompt()] * n
     common = [{"num_tokens": int(k), "truncated": bool(t)} for k, t in zip(num_tokens, truncated)]
     for c, p in zip(common, prompts):
@@ -293,21 +299,26 @@ def clean_text(text: Optional[str]) -> str:
   return text
 
 
-def _lex(text: str) -> list[tuple[str, Any, str]]:
-  """text -> [(kind, value, source)], kind in loc | seg | sep | text; whitespace-only text is dropped."""
+def _lex(text: str) -> list[tuple[str, Any, int, int]]:
+  """text -> [(kind, value, start, end)], kind in loc | seg | sep | text; whitespace-only text is dropped.
+
+  `text[start:end]` is the item's source, so a run of items quotes the model output verbatim."""
   out, pos = [], 0
+
+  def add_text(a: int, b: int) -> None:
+    if text[a:b].strip():
+      out.append(("text", text[a:b].strip(), a, b))
+
   for m in _TOKEN_RE.finditer(text):
-    if text[pos:m.start()].strip():
-      out.append(("text", text[pos:m.start()].strip(), text[pos:m.start()]))
+    add_text(pos, m.start())
     if m.group(1) is not None:
-      out.append(("loc", int(m.group(1)), m.group(0)))
+      out.append(("loc", int(m.group(1)), m.start(), m.end()))
     elif m.group(2) is not None:
-      out.append(("seg", int(m.group(2)), m.group(0)))
+      out.append(("seg", int(m.group(2)), m.start(), m.end()))
     else:
-      out.append(("sep", None, ";"))
+      out.append(("sep", None, m.start(), m.end()))
     pos = m.end()
-  if text[pos:].strip():
-    out.append(("text", text[pos:].strip(), text[pos:]))
+  add_text(pos, len(text))
   return out
 
 
@@ -327,11 +338,13 @@ def parse_objects(text: str, classes: Sequence[str], segment: bool = False,
   or the end. Objects with a bad box or label are dropped; a segment object with unusable seg tokens is kept
   with `codes` None. Anything outside an object (stray text or tokens) is recorded and skipped.
   """
-  items = _lex(clean_text(text))
+  text = clean_text(text)
+  items = _lex(text)
+  source = lambda a, b: text[items[a][2]:items[b - 1][3]].strip()  # verbatim text of items[a:b]
   objects, errors = [], []
   i, n = 0, len(items)
   while i < n:
-    kind, _, src = items[i]
+    kind = items[i][0]
     if kind == "sep":
       i += 1
       continue
@@ -339,7 +352,7 @@ def parse_objects(text: str, classes: Sequence[str], segment: bool = False,
       j = i
       while j < n and items[j][0] in ("text", "seg"):
         j += 1
-      part = "".join(s for _, _, s in items[i:j]).strip()
+      part = source(i, j)
       errors.append({"part": part, "reason": "text outside an object" if kind == "text"
                      else "segmentation tokens without a box"})
       i = j
@@ -347,14 +360,14 @@ def parse_objects(text: str, classes: Sequence[str], segment: bool = False,
     j = i
     while j < n and items[j][0] == "loc":
       j += 1
-    locs = [v for _, v, _ in items[i:j]]
+    locs = [it[1] for it in items[i:j]]
     k = j
     while k < n and items[k][0] == "seg":
       k += 1
-    segs = [v for _, v, _ in items[j:k]]
+    segs = [it[1] for it in items[j:k]]
     label = items[k][1] if k < n and items[k][0] == "text" else None
     end = k + 1 if label is not None else k
-    part = "".join(s for _, _, s in items[i:end]).strip()
+    part = source(i, end)
     last = end >= n or all(it[0] == "sep" for it in items[end:])
     cut = " (output truncated)" if truncated and last else ""
     i = end
