@@ -1,0 +1,436 @@
+"""Readers: input shards (WebDataset tar, Parquet with image bytes, image files) -> one row dict per sample.
+
+Any fsspec URL works (local paths, file://, gs:// through gcsfs, s3:// ...). Shards are listed once on the
+driver (`list_shards`, sorted, deterministic) and read in Ray tasks (`read_shard`).
+
+`read_shard` never raises for bad data: every sample becomes exactly one row, and a shard that cannot be
+opened or is cut short gives the rows it could read plus ONE error row (stage "read"). Transient I/O errors
+(connection resets, timeouts: anything that is not a data or not-found/permission error) do propagate, so that
+Ray retries the task instead of committing a shard full of errors.
+
+Row (every key present in every row):
+  key: str            sample key, unique within the shard (duplicates get "#dupN" and are error rows)
+  shard: str          Shard.id
+  source_uri: str     "<tar uri>#<member>", "<parquet uri>#row<N>", or the image file URI
+  image_bytes: bytes | None
+  metadata: str       JSON object (WebDataset sidecars by extension, other Parquet columns); "{}" if none
+  status: str         "ok" | "error"
+  error: str | None   JSON {"stage", "type", "message"} when status is "error"
+  shard_rows: int     number of rows read_shard returned for this shard
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import decimal
+import json
+import logging
+import os
+import posixpath
+import re
+import tarfile
+from typing import Any, Iterator
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("webdataset", "parquet", "images")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "tif", "tiff", "bmp")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+# WebDataset members whose text goes into `metadata` (under their extension); .json is parsed.
+SIDECAR_EXTENSIONS = ("json", "txt", "cls", "text", "caption", "cap")
+MAX_SIDECAR_BYTES = 1 << 20
+SHARD_KEY = "__shard__"
+FETCH_CONCURRENCY = 16  # image files fetched at once from object stores
+
+# Errors that mean the data (or its absence) is permanent: they become error rows. Anything else propagates.
+DATA_ERRORS: tuple[type[BaseException], ...] = (
+    tarfile.TarError, EOFError, ValueError, UnicodeDecodeError, FileNotFoundError, PermissionError,
+    IsADirectoryError, NotADirectoryError, KeyError, IndexError, TypeError)
+
+
+class InputError(ValueError):
+  """The input spec itself is wrong (nothing matched, unknown format): raised on the driver, before Ray."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  id: str                 # stable identity: the file URI (webdataset/parquet) or "<first file URI>+<n>" (images)
+  uris: tuple[str, ...]   # files to read (one for tar/parquet)
+
+
+def error_json(stage: str, type_: str, message: str) -> str:
+  """The `error` cell of a row: JSON object {stage, type, message}."""
+  return json.dumps({"stage": stage, "type": type_, "message": message}, separators=(",", ":"))
+
+
+def make_row(key: str, shard: str, source_uri: str, image_bytes: bytes | None = None, metadata: str = "{}",
+             error: str | None = None) -> dict:
+  """One reader row; status is derived from `error`. shard_rows is filled in by read_shard."""
+  return {"key": key, "shard": shard, "source_uri": source_uri, "image_bytes": image_bytes, "metadata": metadata,
+          "status": "error" if error else "ok", "error": error, "shard_rows": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# listing
+
+def _fs(uri: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+  return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+  """A path of `fs` as a URI: absolute local path, or with protocol ("gs://b/x.tar")."""
+  if _is_local(fs):
+    return os.path.abspath(path)
+  return fs.unstrip_protocol(path)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+  from fsspec.implementations.local import LocalFileSystem  # pylint: disable=g-import-not-at-top
+  return isinstance(fs, LocalFileSystem)
+
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+  """WebDataset-style brace expansion: "a-{000..002}.tar" -> a-000.tar a-001.tar a-002.tar; "{x,y}" -> x y."""
+  m = _BRACE.search(pattern)
+  if not m:
+    return [pattern]
+  body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+  r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+  if r:
+    lo, hi = r.group(1), r.group(2)
+    width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+    step = 1 if int(hi) >= int(lo) else -1
+    alts = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+  elif "," in body:
+    alts = body.split(",")
+  else:
+    return [head + "{" + body + "}" + t for t in expand_braces(tail)]
+  return [head + a + t for a in alts for t in expand_braces(tail)]
+
+
+def _wanted(path: str, fmt: str) -> bool:
+  name = posixpath.basename(path).lower()
+  if name.startswith((".", "_")):
+    return False
+  if fmt == "webdataset":
+    return name.endswith(TAR_SUFFIXES)
+  if fmt == "parquet":
+    return name.endswith(PARQUET_SUFFIXES)
+  return name.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
+
+
+def list_files(uri: str, fmt: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem,
+                                                                                   list[str]]:
+  """Files a URI names: a glob (fsspec: *, **, ?, [..]; plus WebDataset braces), a directory (every file of
+  the format under it, recursively), or one file. Sorted, duplicates removed."""
+  if fmt not in FORMATS:
+    raise InputError(f"input.format: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+  fs, _ = _fs(uri, storage_options)
+  found: set[str] = set()
+  for pat in expand_braces(uri):
+    _, path = _fs(pat, storage_options)
+    if any(c in path for c in "*?["):
+      matched = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"]
+      # An explicit glob is taken as given for tar/parquet; for loose image files, skip non-image files.
+      found.update(p for p in matched if fmt != "images" or _wanted(p, fmt))
+    elif fs.isdir(path):
+      found.update(p for p in fs.find(path) if _wanted(p, fmt))
+    elif fs.exists(path):
+      found.add(path)
+  return fs, sorted(found)
+
+
+def list_shards(uri: str, format: str, *, files_per_shard: int = 1000,  # pylint: disable=redefined-builtin
+                storage_options: dict | None = None) -> list[Shard]:
+  """Shards of an input URI, sorted and deterministic. Raises InputError when nothing matches.
+
+  webdataset / parquet: one shard per file, id = the file URI.
+  images: the files of each directory, sorted, in chunks of `files_per_shard`; id = "<first file URI>+<n>".
+  (Chunks are per directory so that adding files to one directory does not renumber the others.)
+  """
+  if files_per_shard < 1:
+    raise InputError(f"files_per_shard: must be >= 1, got {files_per_shard}")
+  fs, files = list_files(uri, format, storage_options)
+  if not files:
+    what = {"webdataset": "tar shards", "parquet": "parquet files", "images": "image files"}.get(format, "files")
+    raise InputError(f"input.uri: {uri!r} matched no {what} (format {format})")
+  if format != "images":
+    return [Shard(to_uri(fs, p), (to_uri(fs, p),)) for p in files]
+  by_dir: dict[str, list[str]] = {}
+  for p in files:
+    by_dir.setdefault(posixpath.dirname(p), []).append(p)
+  shards = []
+  for d in sorted(by_dir):
+    ps = by_dir[d]
+    for i in range(0, len(ps), files_per_shard):
+      chunk = tuple(to_uri(fs, p) for p in ps[i:i + files_per_shard])
+      shards.append(Shard(f"{chunk[0]}+{len(chunk)}", chunk))
+  return shards
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading
+
+def read_shard(shard: Shard, format: str, *, image_column: str = "image",  # pylint: disable=redefined-builtin
+               key_column: str | None = "key", storage_options: dict | None = None) -> list[dict]:
+  """All rows of one shard (see the module doc). Keys are unique within the result."""
+  if format == "webdataset":
+    rows = list(read_webdataset(shard, storage_options))
+  elif format == "parquet":
+    rows = list(read_parquet(shard, image_column, key_column, storage_options))
+  elif format == "images":
+    rows = list(read_images(shard, storage_options))
+  else:
+    raise InputError(f"input.format: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+  rows = dedupe_keys(rows)
+  for r in rows:
+    r["shard_rows"] = len(rows)
+  return rows
+
+
+def dedupe_keys(rows: list[dict]) -> list[dict]:
+  """Second and later rows with an already-seen key become error rows keyed "<key>#dupN" (never dropped)."""
+  seen: dict[str, int] = {}
+  taken = {r["key"] for r in rows}
+  for r in rows:
+    k = r["key"]
+    if k not in seen:
+      seen[k] = 0
+      continue
+    n = seen[k]
+    while True:
+      n += 1
+      new = f"{k}#dup{n}"
+      if new not in taken:
+        break
+    seen[k] = n
+    taken.add(new)
+    r.update(key=new, image_bytes=None, status="error",
+             error=error_json("read", "DuplicateKey", f"key {k!r} occurs more than once in the shard; "
+                              f"this later occurrence is kept as {new!r}"))
+  return rows
+
+
+def _shard_error(shard: Shard, uri: str, e: BaseException, key: str = SHARD_KEY, what: str = "reading") -> dict:
+  log.warning("shard %s: error %s %s: %r", shard.id, what, uri, e)
+  return make_row(key, shard.id, uri, error=error_json("read", type(e).__name__, f"{what} {uri}: {e}"))
+
+
+def _open(uri: str, storage_options: dict | None):
+  return fsspec.open(uri, "rb", **(storage_options or {}))
+
+
+# -- WebDataset
+
+def split_member(name: str) -> tuple[str, str]:
+  """WebDataset naming: "dir/abc.seg.png" -> ("dir/abc", "seg.png") (key = path up to the first dot of the
+  basename)."""
+  d, base = posixpath.split(name)
+  stem, _, ext = base.partition(".")
+  return (posixpath.join(d, stem) if d else stem), ext.lower()
+
+
+def _is_image_ext(ext: str) -> bool:
+  return ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
+
+
+def _sidecar(ext: str, data: bytes) -> Any:
+  if len(data) > MAX_SIDECAR_BYTES:
+    return f"<{len(data)} bytes omitted>"
+  text = data.decode("utf-8", errors="replace")
+  if ext.endswith("json"):
+    try:
+      return json.loads(text)
+    except ValueError:
+      return text
+  return text.strip() if ext.endswith("cls") else text
+
+
+class _Sample:
+  def __init__(self, key: str):
+    self.key, self.image, self.image_member, self.meta, self.exts = key, None, None, {}, set()
+
+  def row(self, shard: Shard, uri: str) -> dict:
+    meta = json.dumps(self.meta, sort_keys=True, ensure_ascii=False, default=_json_default)
+    if self.image is None:
+      return make_row(self.key, shard.id, f"{uri}#{self.key}", None, meta,
+                      error_json("read", "NoImageMember", f"sample {self.key!r} has no member with an image "
+                                 f"extension ({', '.join(IMAGE_EXTENSIONS)}); members: {sorted(self.exts)}"))
+    return make_row(self.key, shard.id, f"{uri}#{self.image_member}", self.image, meta)
+
+
+def read_webdataset(shard: Shard, storage_options: dict | None = None) -> Iterator[dict]:
+  """Streams a tar (optionally gzip'd); consecutive members with the same key form a sample; a member whose
+  extension the current sample already has starts a new sample (a duplicate key, flagged by dedupe_keys)."""
+  uri = shard.uris[0]
+  cur: _Sample | None = None
+  try:
+    with _open(uri, storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+      for m in tar:
+        if not m.isfile():
+          continue
+        if posixpath.basename(m.name).startswith("."):  # hidden files, macOS "._x" resource forks
+          continue
+        key, ext = split_member(m.name)
+        if cur is None or key != cur.key or ext in cur.exts:
+          if cur is not None:
+            yield cur.row(shard, uri)
+          cur = _Sample(key)
+        cur.exts.add(ext)
+        data = tar.extractfile(m).read()
+        if len(data) != m.size:
+          raise tarfile.ReadError(f"member {m.name!r} truncated ({len(data)} of {m.size} bytes)")
+        if _is_image_ext(ext) and cur.image is None:
+          cur.image, cur.image_member = data, m.name
+        elif ext in SIDECAR_EXTENSIONS or ext.rsplit(".", 1)[-1] in SIDECAR_EXTENSIONS:
+          cur.meta[ext] = _sidecar(ext, data)
+  except DATA_ERRORS as e:
+    # The sample in progress may be incomplete: it becomes the single error row for the rest of the shard.
+    key = cur.key if cur is not None else SHARD_KEY
+    yield _shard_error(shard, uri, e, key=key)
+    return
+  if cur is not None:
+    yield cur.row(shard, uri)
+
+
+# -- Parquet
+
+def _json_default(v: Any) -> Any:
+  if isinstance(v, (bytes, bytearray, memoryview)):
+    return {"base64": base64.b64encode(bytes(v)).decode()} if len(v) <= 1024 else f"<{len(v)} bytes>"
+  if isinstance(v, (datetime.datetime, datetime.date, datetime.time)):
+    return v.isoformat()
+  if isinstance(v, (datetime.timedelta,)):
+    return v.total_seconds()
+  if isinstance(v, decimal.Decimal):
+    return str(v)
+  if hasattr(v, "tolist"):
+    return v.tolist()
+  return str(v)
+
+
+def _open_parquet(uri: str, storage_options: dict | None):
+  """(ParquetFile, file object to close or None). Local files by path; remote through fsspec."""
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  fs, path = _fs(uri, storage_options)
+  if _is_local(fs):
+    return pq.ParquetFile(path), None
+  f = fs.open(path, "rb")
+  try:
+    return pq.ParquetFile(f), f
+  except BaseException:
+    f.close()
+    raise
+
+
+def _image_getter(field_type, column: str, uri: str):
+  """A function cell -> (bytes | None, path | None) for a binary or struct<bytes, path> column."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  t = field_type
+  if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+    return lambda v: (v, None)
+  if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
+    has_path = t.get_field_index("path") >= 0
+    return lambda v: (None, None) if v is None else (v.get("bytes"), v.get("path") if has_path else None)
+  if pa.types.is_string(t) or pa.types.is_large_string(t):
+    return lambda v: (None, v)
+  raise TypeError(f"column {column!r} of {uri} has type {t}; expected binary, struct<bytes: binary, "
+                  "path: string> (Hugging Face datasets Image) or string (a path/URL per row)")
+
+
+def _resolve(path: str, base_uri: str) -> str:
+  if "://" in path or path.startswith("/"):
+    return path
+  return posixpath.join(posixpath.dirname(base_uri), path)
+
+
+def read_parquet(shard: Shard, image_column: str = "image", key_column: str | None = "key",
+                 storage_options: dict | None = None, batch_size: int = 256) -> Iterator[dict]:
+  """Rows of a Parquet file, streamed by record batches. Image cells that hold only a path (HF datasets with
+  external files, or a string column) are read from that path (relative to the Parquet file's directory)."""
+  uri = shard.uris[0]
+  f = None
+  index = 0
+  try:
+    pf, f = _open_parquet(uri, storage_options)
+    names = pf.schema_arrow.names
+    if image_column not in names:
+      raise KeyError(f"no image column {image_column!r} in {uri}; columns: {names} (set input.image_column)")
+    get_image = _image_getter(pf.schema_arrow.field(image_column).type, image_column, uri)
+    use_key = key_column if key_column and key_column in names else None
+    if key_column and use_key is None:
+      log.warning("%s: no key column %r; keys are row numbers", uri, key_column)
+    width = max(6, len(str(max(pf.metadata.num_rows - 1, 0))))
+    meta_cols = [c for c in names if c not in (image_column, use_key)]
+    for batch in pf.iter_batches(batch_size=batch_size, use_threads=False):
+      cols = batch.to_pydict()
+      for i in range(batch.num_rows):
+        k = cols[use_key][i] if use_key else None
+        key = str(index).zfill(width) if k is None else str(k)
+        src = f"{uri}#row{index}"
+        meta = json.dumps({c: cols[c][i] for c in meta_cols}, sort_keys=True, ensure_ascii=False,
+                          default=_json_default)
+        data, path = get_image(cols[image_column][i])
+        index += 1
+        if data is None and path:
+          yield _read_file_row(key, shard, _resolve(path, uri), storage_options, meta, source_uri=src)
+        elif data is None:
+          yield make_row(key, shard.id, src, None, meta,
+                         error_json("read", "MissingImage", f"row {index - 1}: column {image_column!r} is null"))
+        else:
+          yield make_row(key, shard.id, src, bytes(data), meta)
+  except DATA_ERRORS + (_arrow_error(),) as e:
+    yield _shard_error(shard, uri, e, what=f"reading row {index} of" if index else "reading")
+  finally:
+    if f is not None:
+      f.close()
+
+
+def _arrow_error() -> type[BaseException]:
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  return pa.ArrowException
+
+
+# -- image files
+
+def _read_file_row(key: str, shard: Shard, uri: str, storage_options: dict | None, meta: str = "{}",
+                   source_uri: str | None = None) -> dict:
+  try:
+    with _open(uri, storage_options) as f:
+      data = f.read()
+  except DATA_ERRORS as e:
+    return make_row(key, shard.id, source_uri or uri, None, meta,
+                    error_json("read", type(e).__name__, f"reading {uri}: {e}"))
+  return make_row(key, shard.id, source_uri or uri, data, meta)
+
+
+def _cat(fs: fsspec.AbstractFileSystem, path: str) -> bytes | BaseException:
+  try:
+    return fs.cat_file(path)
+  except Exception as e:  # noqa: BLE001 - sorted into data vs transient errors by the caller
+    return e
+
+
+def read_images(shard: Shard, storage_options: dict | None = None) -> Iterator[dict]:
+  """One row per file; key = the file name (unique within a directory chunk). On object stores files are
+  fetched FETCH_CONCURRENCY at a time."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  fs, _ = _fs(shard.uris[0], storage_options)
+  paths = [_fs(u, storage_options)[1] for u in shard.uris]
+  workers = 1 if _is_local(fs) else FETCH_CONCURRENCY
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for u, p, data in zip(shard.uris, paths, pool.map(lambda p: _cat(fs, p), paths)):
+      key = posixpath.basename(p)
+      if isinstance(data, DATA_ERRORS):
+        yield make_row(key, shard.id, u, None, error=error_json("read", type(data).__name__, f"reading {u}: {data}"))
+      elif isinstance(data, BaseException):
+        raise data  # transient: let Ray retry the task
+      else:
+        yield make_row(key, shard.id, u, bytes(data))
