@@ -4,7 +4,8 @@ Any fsspec URL works (local paths, file://, gs:// through gcsfs, s3:// ...). Sha
 driver (`list_shards`, sorted, deterministic) and read in Ray tasks (`read_shard`).
 
 `read_shard` never raises for bad data: every sample becomes exactly one row, and a shard that cannot be
-opened or is cut short gives the rows it could read plus ONE error row (stage "read"). Transient I/O errors
+opened or is cut short gives the rows it could read plus ONE error row (stage "read"); an empty shard gives one
+error row (key "__shard__", type EmptyShard) so that the driver sees it complete. Transient I/O errors
 (connection resets, timeouts: anything that is not a data or not-found/permission error) do propagate, so that
 Ray retries the task instead of committing a shard full of errors.
 
@@ -189,6 +190,9 @@ def read_shard(shard: Shard, format: str, *, image_column: str = "image",  # pyl
     rows = list(read_images(shard, storage_options))
   else:
     raise InputError(f"input.format: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+  if not rows:  # a valid but empty shard still gets one row, so that the driver can see it complete
+    uri = shard.uris[0] if len(shard.uris) == 1 else shard.id
+    rows = [make_row(SHARD_KEY, shard.id, uri, error=error_json("read", "EmptyShard", f"{uri} holds no samples"))]
   rows = dedupe_keys(rows)
   for r in rows:
     r["shard_rows"] = len(rows)
