@@ -4,10 +4,14 @@ Presidio's default NLP engine wants en_core_web_lg (and downloads it when missin
 `spacy.blank(lang)` pipeline is saved once under the pgbatch cache dir and SpacyNlpEngine is pointed at that
 path, so nothing is downloaded; the only recognizers are validated patterns (Luhn, IBAN checksum, phonenumbers,
 SSN rules, ...). The e-mail recognizer's domain check uses tldextract's bundled suffix snapshot instead of
-fetching the live list.
+fetching the live list. A blank pipeline has no lemmatizer, so lower-cased token text stands in for lemmas:
+presidio's context words ("ssn", "iban", "phone" ...) then still raise the score of a weak pattern next to them.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -28,6 +32,32 @@ def blank_pipeline_path(lang: str) -> str:
     except OSError:  # another worker won the race
       shutil.rmtree(tmp, ignore_errors=True)
   return path
+
+
+def token_lemmas(artifacts, language: str):
+  """NlpArtifacts with empty lemmas replaced by the lower-cased token text (keywords recomputed)."""
+  from presidio_analyzer.nlp_engine import NlpArtifacts
+  artifacts.lemmas = [lem or tok.lower_ for lem, tok in zip(artifacts.lemmas, artifacts.tokens)]
+  artifacts.keywords = NlpArtifacts.set_keywords(artifacts.nlp_engine, artifacts.lemmas, language)
+  return artifacts
+
+
+def blank_nlp_engine(lang: str):
+  """SpacyNlpEngine on the saved blank pipeline, no NER, token text as lemmas (for context words)."""
+  from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
+
+  class BlankSpacyNlpEngine(SpacyNlpEngine):
+    def process_text(self, text: str, language: str):
+      return token_lemmas(super().process_text(text, language), language)
+
+    def process_batch(self, texts, language: str, batch_size: int = 1, n_process: int = 1, **kw):
+      for text, artifacts in super().process_batch(texts, language, batch_size=batch_size, n_process=n_process, **kw):
+        yield text, token_lemmas(artifacts, language)
+
+  nlp = BlankSpacyNlpEngine(models=[{"lang_code": lang, "model_name": blank_pipeline_path(lang)}],
+                            ner_model_configuration=NerModelConfiguration(model_to_presidio_entity_mapping={}))
+  nlp.load()
+  return nlp
 
 
 def offline_email_recognizer(lang: str):
@@ -66,18 +96,32 @@ def recognizers(entities: list[str], lang: str) -> list:
   return out
 
 
+def recognizer_spec(r) -> dict:
+  """What decides a recognizer's results: its class, entities, patterns, context words and validation knobs."""
+  spec = {"class": type(r).__name__, "entities": list(r.supported_entities), "context": list(r.context or [])}
+  spec["patterns"] = [[p.name, p.regex, p.score] for p in getattr(r, "patterns", None) or []]
+  for k in ("supported_regions", "leniency", "replacement_pairs", "deny_list", "global_regex_flags"):
+    if hasattr(r, k):
+      spec[k] = repr(getattr(r, k))
+  return spec
+
+
+@functools.lru_cache(maxsize=None)
+def recognizers_sha256(entities: tuple[str, ...], lang: str) -> str:
+  """sha256 of the recognizers' definitions: the PII filter's "model" (changes when presidio's patterns do)."""
+  blob = json.dumps([recognizer_spec(r) for r in recognizers(list(entities), lang)], sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()
+
+
 class PiiFilter:
   """Scores texts for personal information; one Hit per recognized span (category = presidio entity)."""
   name = "pii"
 
   def __init__(self, entities: list[str], lang: str = "en"):
     from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
-    from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
     self.categories = tuple(entities)
     self._lang = lang
-    nlp = SpacyNlpEngine(models=[{"lang_code": lang, "model_name": blank_pipeline_path(lang)}],
-                         ner_model_configuration=NerModelConfiguration(model_to_presidio_entity_mapping={}))
-    nlp.load()
+    nlp = blank_nlp_engine(lang)
     registry = RecognizerRegistry(supported_languages=[lang])
     for r in recognizers(entities, lang):
       registry.add_recognizer(r)

