@@ -1,0 +1,597 @@
+"""The Ray Data pipeline: a JobSpec → typed Parquet, one file per input shard, resumable.
+
+    summary = pipeline.run(config.load("job.yaml"))
+
+Driver (this process): list shards → drop shards already committed in the output manifest → build the plan:
+
+  from_items(one item per shard)                 one block per shard
+  → flat_map(read)                               rows {key, shard, source_uri, image_bytes, metadata, status, …}
+  → map_batches(decode + safety pre)             CPU tasks (fused): pixels uint8 [B, R, R, 3], width, height,
+                                                 sha256; image filters may set status filtered/error
+  → map_batches(Annotator)                       actor pool per `pgbatch.placement`: the Engine encodes each
+                                                 image once for all tasks; parse → typed task columns
+  → map_batches(SafetyPost)                      CPU actors: text filters, policy, `safety` column
+  → driver iter_batches                          rows buffered per shard until all `shard_rows` arrived,
+                                                 then `Sink.commit_shard` (atomic; manifest entry)
+
+Every row read comes out exactly once: stages never drop rows (failures become status "error" with the
+stage and reason), and a shard is written only when all of its rows arrived. A crash loses only the shards
+not yet committed; a rerun redoes exactly those. This is the only module that imports `ray.data`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from pgbatch import placement, schema
+
+log = logging.getLogger(__name__)
+SHARD_ROWS = "_shard_rows"
+# Read/decode tasks: an exception that escapes them (a transient I/O error; bad data becomes error rows) is
+# retried a few times before the run fails; the shard is then redone by the next run.
+RETRY_ARGS = {"max_retries": 5, "retry_exceptions": True}
+
+
+# --- summary -----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Summary:
+  """What one `run` did. `images`: rows written by this run (`ok + error + filtered`)."""
+  job: str
+  run_id: str
+  output_uri: str
+  shards_total: int = 0
+  shards_skipped: int = 0       # already committed by an earlier run
+  shards_committed: int = 0     # committed by this run
+  shards_failed: list = dataclasses.field(default_factory=list)  # shard ids not committed by this run
+  images: int = 0
+  ok: int = 0
+  error: int = 0
+  filtered: int = 0
+  seconds: float = 0.0
+  files: list = dataclasses.field(default_factory=list)
+  failure: Optional[str] = None   # why the run stopped early, if it did
+
+  @property
+  def success(self) -> bool:
+    return self.failure is None and not self.shards_failed
+
+  def line(self) -> str:
+    rate = self.images / self.seconds if self.seconds > 0 else 0.0
+    skipped = f", {self.shards_skipped} already done" if self.shards_skipped else ""
+    failed = f", {len(self.shards_failed)} FAILED" if self.shards_failed else ""
+    return (f"pgbatch: {self.job}: {self.images} images (ok {self.ok}, error {self.error}, filtered "
+            f"{self.filtered}) in {self.shards_committed}/{self.shards_total} shards{skipped}{failed}, "
+            f"{self.seconds:.1f} s, {rate:.2f} images/s → {self.output_uri}")
+
+
+# --- progress ----------------------------------------------------------------------------------------------
+
+
+class Progress:
+  """One status line on stderr: images, images/s, shards done, ETA. Redrawn in place on a TTY; on other
+  streams a line at most every `every_s` seconds."""
+
+  def __init__(self, shards: int, enabled: bool = True, stream=None, every_s: float = 30.0):
+    self.stream = stream or sys.stderr
+    self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+    self.enabled, self.every_s = enabled, every_s
+    self.shards, self.done_shards, self.images, self.done_images = shards, 0, 0, 0
+    self.start = self.last = time.monotonic()
+
+  def update(self, images: int = 0, shards: int = 0, done_images: int = 0) -> None:
+    self.images += images
+    self.done_shards += shards
+    self.done_images += done_images
+    now = time.monotonic()
+    if not self.enabled or (not self.tty and now - self.last < self.every_s) or (self.tty and now - self.last < 0.2
+                                                                                    and not shards):
+      return
+    self.last = now
+    self.stream.write(("\r" if self.tty else "") + self.text(now) + ("\x1b[K" if self.tty else "\n"))
+    self.stream.flush()
+
+  def text(self, now: float | None = None) -> str:
+    elapsed = max((now or time.monotonic()) - self.start, 1e-9)
+    rate = self.images / elapsed
+    width = 24
+    frac = self.done_shards / self.shards if self.shards else 1.0
+    bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+    eta = "?"
+    if self.done_shards and self.done_images and rate > 0:
+      per_shard = self.done_images / self.done_shards
+      left = max(per_shard * self.shards - self.images, 0)
+      eta = _fmt_s(left / rate)
+    return (f"[{bar}] {self.done_shards}/{self.shards} shards  {self.images} images  {rate:.2f} img/s  "
+            f"ETA {eta}  elapsed {_fmt_s(elapsed)}")
+
+  def close(self) -> None:
+    if self.enabled and self.tty:
+      self.stream.write("\r" + self.text() + "\x1b[K\n")
+      self.stream.flush()
+
+
+def _fmt_s(s: float) -> str:
+  s = int(round(s))
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# --- stage helpers (run in Ray workers; pure functions of their inputs) ------------------------------------
+
+
+def error_json(stage: str, exc_or_type: Any, message: str | None = None) -> str:
+  type_ = exc_or_type if isinstance(exc_or_type, str) else type(exc_or_type).__name__
+  if message is None:
+    message = str(exc_or_type)
+  return json.dumps({"stage": stage, "type": type_, "message": message[:2000]})
+
+
+def _as_object(values) -> np.ndarray:
+  out = np.empty(len(values), dtype=object)
+  out[:] = list(values)
+  return out
+
+
+def read_item(item: dict, fmt: str, image_column: str, key_column: Optional[str],
+              storage_options: dict) -> list[dict]:
+  """One shard item {id, uris} → its rows (see `pgbatch.io.readers.read_shard`)."""
+  from pgbatch.io import readers
+  shard = readers.Shard(item["id"], tuple(item["uris"]))
+  return readers.read_shard(shard, fmt, image_column=image_column, key_column=key_column,
+                            storage_options=storage_options or None)
+
+
+_PRE_FILTERS: dict[str, Any] = {}   # per worker process: policy JSON -> PreFilter (models load once)
+
+
+def _pre_filter(policy_json: str):
+  if policy_json not in _PRE_FILTERS:
+    from pgbatch.safety.stages import PreFilter
+    _PRE_FILTERS[policy_json] = PreFilter(json.loads(policy_json))
+  return _PRE_FILTERS[policy_json]
+
+
+def _decode(batch: dict, size: int, max_pixels: int) -> dict:
+  """decode_batch; if it raises (it should not), decode row by row so one bad row cannot sink the batch."""
+  from pgbatch.io import decode
+  try:
+    return decode.decode_batch(batch, size, max_pixels)
+  except Exception:  # noqa: BLE001 - isolate the failing rows below
+    log.exception("decode_batch failed; retrying row by row")
+  n = len(batch["key"])
+  parts = []
+  for i in range(n):
+    row = {k: v[i:i + 1] for k, v in batch.items()}
+    try:
+      parts.append(decode.decode_batch(row, size, max_pixels))
+    except Exception as e:  # noqa: BLE001
+      row = dict(row)
+      row["pixels"] = np.zeros((1, size, size, 3), np.uint8)
+      row["width"] = np.array([-1], np.int32)
+      row["height"] = np.array([-1], np.int32)
+      row["sha256"] = _as_object([None])
+      if row["status"][0] == "ok":
+        row["status"] = _as_object(["error"])
+        row["error"] = _as_object([error_json("decode", e)])
+      parts.append(row)
+  out = {}
+  for k in parts[0]:
+    arrays = [np.asarray(p[k]) for p in parts]
+    out[k] = np.concatenate(arrays) if all(a.dtype != object for a in arrays) else _as_object(
+        [x for a in arrays for x in a])
+  return out
+
+
+def decode_and_prefilter(batch: dict, size: int, max_pixels: int, policy_json: str) -> dict:
+  """Reader rows → decoded pixels [B, size, size, 3] plus the image-safety verdict; image bytes dropped."""
+  out = _decode(batch, size, max_pixels)
+  try:
+    out = _pre_filter(policy_json)(out)
+  except Exception as e:  # noqa: BLE001 - PreFilter isolates filter failures; this is a last resort
+    log.exception("image safety stage failed")
+    status = np.asarray(out["status"], dtype=object).copy()
+    err = np.asarray(out["error"], dtype=object).copy()
+    for i in range(len(status)):
+      if status[i] == "ok":
+        status[i], err[i] = "error", error_json("safety", e, "image safety stage raised; row withheld")
+    out["status"], out["error"] = status, err
+  out.pop("image_bytes", None)
+  # all-None object columns do not convert to Arrow cleanly inside Ray Data: "" stands for "no error" here
+  out["error"] = _as_object(["" if e is None else str(e) for e in out["error"]])
+  return out
+
+
+def _error_struct(s: Any) -> Optional[dict]:
+  if s is None or (isinstance(s, str) and not s) or (isinstance(s, float) and np.isnan(s)):
+    return None
+  if isinstance(s, dict):
+    return s
+  try:
+    d = json.loads(s)
+    return {"stage": d.get("stage"), "type": d.get("type"), "message": d.get("message")}
+  except (TypeError, ValueError):
+    return {"stage": "unknown", "type": "Error", "message": str(s)}
+
+
+def _dim(v: Any) -> Optional[int]:
+  try:
+    v = int(v)
+  except (TypeError, ValueError):
+    return None
+  return v if v >= 0 else None
+
+
+def _field(name: str) -> pa.Field:
+  return next(f for f in schema.FIXED_FIELDS if f.name == name)
+
+
+class Annotator:
+  """Annotate-stage actor: one Engine (one PaliGemma replica on this actor's devices) for all tasks.
+
+  Input: decoded numpy batch. Output: pyarrow Table with the fixed columns (safety still null), one column
+  per task, `safety_pre` and `_shard_rows`. Rows that are not `ok` pass through with null task columns.
+  A failing batch is retried row by row; a row that still fails becomes an error row (stage "annotate").
+  """
+
+  def __init__(self, spec_json: str, provenance: dict):
+    from pgbatch import config
+    spec = config.JobSpec.model_validate_json(spec_json)
+    res = spec.resources
+    self.spec = spec
+    self.provenance = dict(provenance)
+    self.provenance["started_at"] = datetime.datetime.fromisoformat(provenance["started_at"])
+    placement.init_with_retry(self._load, retries=res.init_retries, backoff_s=res.init_backoff_s)
+
+  def _load(self) -> None:
+    import jax
+    from pgbatch import model as model_lib, tokenizer
+    from pgbatch.engine import Engine
+    spec = self.spec
+    mesh = None
+    devices = jax.devices()
+    if spec.resources.accelerator != "cpu" and len(devices) > 1:
+      variant = spec.model.variant or self.provenance["model_variant"]
+      data, model = placement.mesh_shape(len(devices), variant, accelerator_kind=spec.resources.accelerator)
+      mesh = model_lib.make_mesh(data, model)
+    self.tokenizer = tokenizer.load(spec.model.tokenizer)
+    self.model = model_lib.load(spec.model.checkpoint, dtype=spec.model.dtype, mesh=mesh, variant=spec.model.variant)
+    vae = None
+    if any(t.kind == "segment" for t in spec.tasks):
+      from pgbatch.model import vqvae
+      vae = vqvae.load(spec.model.vae)
+    self.tasks = spec.task_objects(vae=vae)
+    self.engine = Engine(self.model, batch_size=spec.resources.batch_size)
+    self.provenance.update(model_variant=self.model.config.name, tokenizer_digest=self.tokenizer.digest,
+                           checkpoint_digest=getattr(self.model.info, "digest", None) or
+                           self.provenance.get("checkpoint_digest"))
+    self.prompt_cache: dict[str, list[int]] = {}
+
+  def _tokens(self, text: str) -> list[int]:
+    if text not in self.prompt_cache:
+      self.prompt_cache[text] = self.tokenizer.encode_prompt(text)
+    return self.prompt_cache[text]
+
+  def _prompts(self, metadata: list[str], live: list[int], status, errors) -> tuple[dict, list[int]]:
+    """Prompt texts per task for the live rows; rows whose prompt cannot be built become errors."""
+    from pgbatch.tasks import PromptError
+    texts = {t.name: [] for t in self.tasks}
+    keep = []
+    for i in live:
+      meta = None
+      row = {}
+      try:
+        for t in self.tasks:
+          if t.question_field is not None and meta is None:
+            meta = json.loads(metadata[i] or "{}") if metadata is not None else {}
+            meta = meta if isinstance(meta, dict) else {}
+          row[t.name] = t.prompt(meta)
+      except (PromptError, ValueError) as e:
+        status[i], errors[i] = "error", {"stage": "annotate", "type": type(e).__name__, "message": str(e)}
+        continue
+      keep.append(i)
+      for name, p in row.items():
+        texts[name].append(p)
+    return texts, keep
+
+  def _annotate(self, pixels: np.ndarray, widths, heights, prompt_texts: dict) -> dict[str, list]:
+    """pixels uint8 [n, R, R, 3] → task name → n parsed values."""
+    prompts = {name: [self._tokens(p) for p in texts] for name, texts in prompt_texts.items()}
+    max_new = {t.name: t.max_new_tokens for t in self.tasks}
+    tokens = self.engine.annotate(pixels, prompts, max_new)
+    from pgbatch.model import EOS
+    out = {}
+    for t in self.tasks:
+      rows = tokens[t.name]
+      texts = [self.tokenizer.decode(r) for r in rows]
+      num = [len(r) for r in rows]
+      truncated = [not (r and r[-1] == EOS) and len(r) >= t.max_new_tokens for r in rows]
+      out[t.name] = t.parse_batch(texts, num, truncated, widths, heights, prompt_texts[t.name])
+    return out
+
+  def _annotate_isolating(self, idx: list[int], pixels, widths, heights, prompt_texts, status, errors,
+                          results) -> None:
+    """Annotates rows `idx`; on failure halves the batch until the failing rows are found."""
+    try:
+      values = self._annotate(pixels[idx], [widths[i] for i in idx], [heights[i] for i in idx],
+                              {k: [v[i] for i in idx] for k, v in prompt_texts.items()})
+    except Exception as e:  # noqa: BLE001
+      placement.exit_if_fatal(e)
+      if len(idx) == 1:
+        log.warning("annotation failed for one row: %r", e)
+        status[idx[0]] = "error"
+        errors[idx[0]] = {"stage": "annotate", "type": type(e).__name__, "message": str(e)[:2000]}
+        return
+      half = len(idx) // 2
+      for part in (idx[:half], idx[half:]):
+        self._annotate_isolating(part, pixels, widths, heights, prompt_texts, status, errors, results)
+      return
+    for name, vals in values.items():
+      for i, v in zip(idx, vals):
+        results[name][i] = v
+
+  def __call__(self, batch: dict) -> pa.Table:
+    n = len(batch["key"])
+    status = [str(s) for s in batch["status"]]
+    errors = [_error_struct(e) for e in batch["error"]]
+    widths = [_dim(w) for w in batch["width"]]
+    heights = [_dim(h) for h in batch["height"]]
+    live = [i for i in range(n) if status[i] == "ok"]
+    results: dict[str, list] = {t.name: [None] * n for t in self.tasks}
+    if live:
+      texts, live = self._prompts(list(batch.get("metadata", [None] * n)), live, status, errors)
+      by_pos = {name: dict(zip(live, vals)) for name, vals in texts.items()}
+      prompt_texts = {name: [d.get(i) for i in range(n)] for name, d in by_pos.items()}
+      if live:
+        pixels = np.asarray(batch["pixels"])
+        self._annotate_isolating(live, pixels, [w or 1 for w in widths], [h or 1 for h in heights],
+                                 prompt_texts, status, errors, results)
+    return self.table(batch, status, errors, widths, heights, results)
+
+  def table(self, batch, status, errors, widths, heights, results) -> pa.Table:
+    n = len(status)
+    cols = {
+        "key": pa.array([str(k) for k in batch["key"]], pa.string()),
+        "source_uri": pa.array([None if s is None else str(s) for s in batch["source_uri"]], pa.string()),
+        "shard": pa.array([str(s) for s in batch["shard"]], pa.string()),
+        "sha256": pa.array([None if s is None else str(s) for s in batch["sha256"]], pa.string()),
+        "width": pa.array(widths, pa.int32()),
+        "height": pa.array(heights, pa.int32()),
+        "status": pa.array(status, pa.string()),
+        "error": pa.array([e if s == "error" else None for e, s in zip(errors, status)], schema.ERROR_TYPE),
+        "provenance": pa.array([self.provenance] * n, schema.PROVENANCE_TYPE),
+        "safety": pa.nulls(n, schema.SAFETY_TYPE),
+    }
+    fields = [_field(name) for name in cols]
+    arrays = list(cols.values())
+    for t in self.tasks:
+      fields.append(pa.field(t.name, t.arrow_type))
+      arrays.append(pa.array(results[t.name], t.arrow_type))
+    from pgbatch.safety.stages import PRE_COLUMN
+    pre = batch.get(PRE_COLUMN)
+    fields.append(pa.field(PRE_COLUMN, pa.string()))
+    arrays.append(pa.array([None if p is None else str(p) for p in pre] if pre is not None else [None] * n,
+                           pa.string()))
+    fields.append(pa.field(SHARD_ROWS, pa.int64()))
+    arrays.append(pa.array([int(x) for x in batch["shard_rows"]], pa.int64()))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+class SafetyPost:
+  """Text-safety actor: `PostFilter` of the job, its filter models loaded once when the actor starts."""
+
+  def __init__(self, spec_json: str):
+    from pgbatch import config
+    self.filter = config.JobSpec.model_validate_json(spec_json).post_filter()
+    for name in self.filter.names:
+      try:
+        self.filter.get(name)
+      except Exception:  # noqa: BLE001 - PostFilter turns a filter that cannot load into error rows
+        log.exception("safety filter %s failed to load", name)
+
+  def __call__(self, table: pa.Table) -> pa.Table:
+    try:
+      return self.filter(table)
+    except Exception as e:  # noqa: BLE001 - PostFilter isolates filter failures; this is a last resort
+      log.exception("text safety stage failed")
+      n = table.num_rows
+      status = table.column("status").to_pylist()
+      errors = table.column("error").to_pylist()
+      for i in range(n):
+        if status[i] == "ok":
+          status[i], errors[i] = "error", {"stage": "safety", "type": type(e).__name__,
+                                           "message": "text safety stage raised; row withheld"}
+      for name in self.filter.task_fields or []:
+        if name in table.column_names:
+          i = table.schema.get_field_index(name)
+          table = table.set_column(i, table.schema.field(i), pa.nulls(n, table.schema.field(i).type))
+      table = table.set_column(table.schema.get_field_index("status"), _field("status"), pa.array(status, pa.string()))
+      table = table.set_column(table.schema.get_field_index("error"), _field("error"),
+                               pa.array(errors, schema.ERROR_TYPE))
+      from pgbatch.safety.stages import PRE_COLUMN
+      return table.drop_columns([PRE_COLUMN]) if PRE_COLUMN in table.column_names else table
+
+
+# --- driver ------------------------------------------------------------------------------------------------
+
+
+def ensure_ray(num_cpus: Optional[int] = None) -> bool:
+  """Starts a local Ray (or connects to RAY_ADDRESS) unless one is initialized; True if started here."""
+  import ray
+  if ray.is_initialized():
+    return False
+  address = os.environ.get("RAY_ADDRESS") or "local"
+  kwargs = dict(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                configure_logging=True, log_to_driver=True)
+  if address == "local":
+    kwargs["num_cpus"] = num_cpus or os.cpu_count()
+  ray.init(**kwargs)
+  return True
+
+
+def plan_info(spec) -> dict:
+  """Model facts the driver needs before Ray starts: image size, variant, checkpoint digest (headers only)."""
+  from pgbatch import checkpoints
+  ckpt = checkpoints.open_checkpoint(spec.model.checkpoint, variant=spec.model.variant)
+  cfg = ckpt.config
+  return {"image_size": int(cfg.image_size), "model_variant": cfg.name, "checkpoint_digest": ckpt.info.digest}
+
+
+def _group_by_shard(table: pa.Table) -> dict[str, pa.Table]:
+  shards = table.column("shard").to_pylist()
+  idx: dict[str, list[int]] = {}
+  for i, s in enumerate(shards):
+    idx.setdefault(s, []).append(i)
+  if len(idx) == 1:
+    return {shards[0]: table}
+  return {s: table.take(pa.array(rows, pa.int64())) for s, rows in idx.items()}
+
+
+def build_dataset(spec, items: list[dict], info: dict, provenance: dict):
+  """The Ray Data plan (lazy) over `items` ({id, uris} per shard)."""
+  import warnings
+  import ray
+  warnings.filterwarnings("ignore", message=r".*ray_remote_args.* is deprecated", category=DeprecationWarning)
+  res = spec.resources
+  placement.configure_data_context(ray.data.DataContext.get_current(), res)
+  spec_json = spec.model_dump_json()
+  policy_json = spec.safety.model_dump_json()
+  cpu = float(res.cpu_stage_cpus)
+  ds = ray.data.from_items(items, override_num_blocks=len(items))
+  ds = ds.flat_map(read_item, fn_kwargs=dict(fmt=spec.input.format, image_column=spec.input.image_column,
+                                             key_column=spec.input.key_column,
+                                             storage_options=dict(spec.input.storage_options)),
+                   num_cpus=cpu, runtime_env=placement.cpu_stage_env(), **RETRY_ARGS)
+  ds = ds.map_batches(decode_and_prefilter, batch_size=spec.decode.batch_size, batch_format="numpy",
+                      fn_kwargs=dict(size=info["image_size"], max_pixels=spec.decode.max_pixels,
+                                     policy_json=policy_json),
+                      num_cpus=cpu, runtime_env=placement.cpu_stage_env(), **RETRY_ARGS)
+  ds = ds.map_batches(Annotator, batch_size=res.batch_size, batch_format="numpy",
+                      fn_constructor_kwargs=dict(spec_json=spec_json, provenance=provenance),
+                      **placement.annotate_ray_args(res))
+  ds = ds.map_batches(SafetyPost, batch_size=None, batch_format="pyarrow",
+                      fn_constructor_kwargs=dict(spec_json=spec_json),
+                      compute=ray.data.ActorPoolStrategy(min_size=1, max_size=res.safety_actors),
+                      num_cpus=cpu, runtime_env=placement.cpu_stage_env(), max_restarts=-1,
+                      max_task_retries=-1)
+  return ds
+
+
+def run(spec, progress: bool = True, stream=None) -> Summary:
+  """Runs the job; never raises for bad data. Raises `InputError` when the input matches no shards."""
+  from pgbatch.io import readers, sink as sink_lib
+  import pgbatch
+  start = time.monotonic()
+  started_at = datetime.datetime.now(datetime.timezone.utc)
+  run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+  summary = Summary(job=spec.name, run_id=run_id, output_uri=spec.output.uri)
+  shards = readers.list_shards(spec.input.uri, spec.input.format, files_per_shard=spec.input.files_per_shard,
+                               storage_options=dict(spec.input.storage_options) or None)
+  out_schema = spec.output_schema()
+  sink = sink_lib.Sink(spec.output.uri, out_schema, storage_options=dict(spec.output.storage_options) or None)
+  removed = sink.cleanup()
+  if removed:
+    log.warning("removed %d leftover file(s) of an interrupted run: %s", len(removed), ", ".join(removed[:5]))
+  committed = sink.committed()
+  todo = [s for s in shards if s.id not in committed]
+  summary.shards_total, summary.shards_skipped = len(shards), len(shards) - len(todo)
+  if not todo:
+    summary.seconds = time.monotonic() - start
+    return summary
+  info = plan_info(spec)
+  post = spec.post_filter()
+  provenance = {"model_variant": info["model_variant"], "checkpoint_uri": spec.model.checkpoint,
+                "checkpoint_digest": info["checkpoint_digest"], "tokenizer_digest": None,
+                "pgbatch_version": pgbatch.__version__, "job_id": f"{spec.name}/{run_id}",
+                "started_at": started_at.isoformat(), "safety_filters": post.provenance_filters()}
+  ensure_ray()
+  import ray
+  ctx = ray.data.DataContext.get_current()
+  ctx.enable_progress_bars = False
+  ctx.print_on_execution_start = False
+  logging.getLogger("ray.data").setLevel(logging.WARNING)   # no per-run INFO chatter
+  logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours
+  items = [{"id": s.id, "uris": list(s.uris)} for s in todo]
+  ds = build_dataset(spec, items, info, provenance)
+  bar = Progress(len(todo), enabled=progress, stream=stream)
+  pending: dict[str, list[pa.Table]] = {}
+  counts: dict[str, int] = {}
+  first_seen: dict[str, float] = {}
+  done: set[str] = set()
+  try:
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+      for shard_id, part in _group_by_shard(batch).items():
+        if shard_id in done:
+          raise RuntimeError(f"shard {shard_id}: rows arrived after it was committed")
+        pending.setdefault(shard_id, []).append(part)
+        counts[shard_id] = counts.get(shard_id, 0) + part.num_rows
+        first_seen.setdefault(shard_id, time.monotonic())
+        expected = int(part.column(SHARD_ROWS)[0].as_py())
+        bar.update(images=part.num_rows)
+        if counts[shard_id] > expected:
+          raise RuntimeError(f"shard {shard_id}: {counts[shard_id]} rows for {expected} expected")
+        if counts[shard_id] == expected:
+          table = pa.concat_tables(pending.pop(shard_id)).drop_columns([SHARD_ROWS])
+          stats = {"job": spec.name, "run_id": run_id, "seconds": round(time.monotonic() - first_seen[shard_id], 3),
+                   "model_variant": info["model_variant"], "checkpoint_digest": info["checkpoint_digest"]}
+          uri = sink.commit_shard(shard_id, table, stats)
+          done.add(shard_id)
+          st = table.column("status").to_pylist()
+          summary.ok += st.count("ok")
+          summary.error += st.count("error")
+          summary.filtered += st.count("filtered")
+          summary.images += len(st)
+          summary.shards_committed += 1
+          summary.files.append(uri)
+          bar.update(shards=1, done_images=len(st))
+  except Exception as e:  # noqa: BLE001 - committed shards stay; the rest is redone by a rerun
+    log.exception("pipeline failed")
+    summary.failure = f"{type(e).__name__}: {e}"
+  finally:
+    bar.close()
+  summary.shards_failed = [s.id for s in todo if s.id not in done]
+  if summary.shards_failed and summary.failure is None:
+    summary.failure = f"{len(summary.shards_failed)} shard(s) incomplete"
+  summary.seconds = time.monotonic() - start
+  return summary
+
+
+# --- CLI: pgbatch run ----------------------------------------------------------------------------------------
+
+
+def register_run(parser) -> None:
+  from pgbatch import config
+  parser.add_argument("job", metavar="JOB.yaml", help="job spec (local path or URL)")
+  config.add_override_args(parser)
+  parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+
+
+def main_run(args) -> int:
+  from pgbatch import config
+  from pgbatch.io.readers import InputError
+  try:
+    spec = config.load(args.job, args.overrides)
+  except config.JobSpecError as e:
+    print(str(e), file=sys.stderr)
+    return 2
+  try:
+    summary = run(spec, progress=not args.no_progress)
+  except InputError as e:
+    print(f"pgbatch run: {spec.name}: no input to process: {e}", file=sys.stderr)
+    return 2
+  print(summary.line())
+  if not summary.success:
+    print(f"pgbatch run: {spec.name}: {summary.failure}; {len(summary.shards_failed)} shard(s) not written "
+          "(rerun the same command to resume: committed shards are skipped)", file=sys.stderr)
+    return 1
+  return 0
