@@ -14,6 +14,11 @@ def field(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.
   return pa.field(name, type_, nullable=nullable, metadata={b"doc": doc.encode()})
 
 
+def list_of(type_: pa.DataType) -> pa.DataType:
+  """`list<element: type_>`: Parquet's list item name, so a schema read back from a file equals the code's."""
+  return pa.list_(pa.field("element", type_))
+
+
 ERROR_TYPE = pa.struct([
     field("stage", pa.string(), "pipeline stage that failed: read | decode | annotate | parse | safety | write"),
     field("type", pa.string(), "short machine-readable error class, e.g. UnidentifiedImageError"),
@@ -34,7 +39,7 @@ PROVENANCE_TYPE = pa.struct([
     field("pgbatch_version", pa.string(), "pgbatch package version"),
     field("job_id", pa.string(), "job name plus run id"),
     field("started_at", pa.timestamp("us", tz="UTC"), "when the job run started"),
-    field("safety_filters", pa.list_(SAFETY_FILTER_TYPE), "safety filters applied to this row"),
+    field("safety_filters", list_of(SAFETY_FILTER_TYPE), "safety filters applied to this row"),
 ])
 
 FINDING_TYPE = pa.struct([
@@ -57,8 +62,8 @@ SCORE_TYPE = pa.struct([
 
 SAFETY_TYPE = pa.struct([
     field("decision", pa.string(), "pass | flagged | redacted | filtered"),
-    field("findings", pa.list_(FINDING_TYPE), "findings at or above their threshold"),
-    field("scores", pa.list_(SCORE_TYPE), "max score per filter/category/field, for re-thresholding"),
+    field("findings", list_of(FINDING_TYPE), "findings at or above their threshold"),
+    field("scores", list_of(SCORE_TYPE), "max score per filter/category/field, for re-thresholding"),
     field("policy_digest", pa.string(), "sha256 of the resolved safety policy"),
 ])
 
@@ -227,16 +232,19 @@ df = pl.read_parquet("out/*.parquet")
 result = df.filter(pl.col("status") == "ok").select(
     pl.col("caption_en").struct.field("text").str.len_chars().mean().alias("mean_chars"))"""),
     ("Segment masks as COCO RLE (pycocotools)", "python", """\
+import glob
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
-rows = pq.read_table("out/*.parquet".replace("*", "part-0"), columns=["key", "segments"]).to_pylist()
-result = {}
-for row in rows:
-  for obj in (row["segments"] or {}).get("objects", []):
-    if obj["mask"] is not None:
+result = {}  # key -> [(label, mask area in pixels)]
+for path in sorted(glob.glob("out/*.parquet")):
+  for row in pq.read_table(path, columns=["key", "segments"]).to_pylist():
+    for obj in (row["segments"] or {}).get("objects", []):
       m = obj["mask"]
-      rle = mask_utils.frPyObjects({"size": [m["height"], m["width"]], "counts": m["rle"]}, m["height"], m["width"])
-      result.setdefault(row["key"], []).append((obj["label"], int(mask_utils.area(rle))))"""),
+      if m is not None:  # null when the seg tokens were unusable
+        rle = mask_utils.frPyObjects({"size": [m["height"], m["width"]], "counts": m["rle"]},
+                                     m["height"], m["width"])
+        binary = mask_utils.decode(rle)  # uint8 [height, width]
+        result.setdefault(row["key"], []).append((obj["label"], int(mask_utils.area(rle))))"""),
 )
 
 _PROSE_HEAD = """\

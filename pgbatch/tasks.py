@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from pgbatch.schema import field
+from pgbatch.schema import field, list_of
 
 KINDS = ("caption", "ocr", "answer", "detect", "segment")
 TEXT_KINDS = ("caption", "ocr", "answer")
@@ -83,7 +83,7 @@ _BOX_FIELDS = [
 MASK_TYPE = pa.struct([
     field("height", pa.int32(), "mask height = original image height", False),
     field("width", pa.int32(), "mask width = original image width", False),
-    field("rle", pa.list_(pa.int32()), "COCO uncompressed RLE counts, column-major, starting with zeros", False),
+    field("rle", list_of(pa.int32()), "COCO uncompressed RLE counts, column-major, starting with zeros", False),
 ])
 
 DETECTION_TYPE = pa.struct(_BOX_FIELDS)
@@ -94,12 +94,12 @@ SEGMENTATION_TYPE = pa.struct(_BOX_FIELDS + [
 
 def _located_type(object_type: pa.DataType, what: str) -> pa.DataType:
   return pa.struct([
-      field("objects", pa.list_(object_type), f"{what} that parsed, in output order (labels may repeat)", False),
+      field("objects", list_of(object_type), f"{what} that parsed, in output order (labels may repeat)", False),
       field("raw", pa.string(), "model output up to EOS, verbatim", False),
       field("prompt", pa.string(), "prompt text sent with the image"),
       field("num_tokens", pa.int32(), "tokens generated, EOS included when emitted", False),
       field("truncated", pa.bool_(), "decoding hit max_new_tokens before EOS", False),
-      field("parse_errors", pa.list_(PARSE_ERROR_TYPE), "parts of `raw` that were dropped or incomplete", False),
+      field("parse_errors", list_of(PARSE_ERROR_TYPE), "parts of `raw` that were dropped or incomplete", False),
   ])
 
 
