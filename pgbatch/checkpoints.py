@@ -37,7 +37,7 @@ from pgbatch.model import configs
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FORMAT_NPZ = "big_vision_npz"
 FORMAT_HF = "hf_safetensors"
-_READ_CHUNK = 64 << 20     # bytes per readinto call
+_READ_CHUNK = 16 << 20     # bytes per read: the fixed host-memory overhead of streaming (plus one fsspec block)
 _BLOCK_SIZE = 1 << 20      # fsspec read-ahead block: small, so header reads do not pull whole blocks of tensors
 _NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamps: identical params give identical files
 
@@ -114,7 +114,7 @@ class CheckpointInfo:
 
 
 def _hash_file(fs, path, h):
-  with fs.open(path, "rb", block_size=_READ_CHUNK) as f:
+  with _open_read(fs, path, _READ_CHUNK) as f:
     while chunk := f.read(_READ_CHUNK):
       h.update(chunk)
   return h
@@ -131,6 +131,18 @@ def _make_info(uri, fmt, fs, infos: list[dict]) -> CheckpointInfo:
 # Byte-level readers.
 
 
+def _open_read(fs, path: str, block_size: int = _BLOCK_SIZE):
+  """Opens for random-access reads: a plain read-ahead block cache (small header reads are served from one
+  block; large tensor reads go out as one ranged request each). gcsfs' default adaptive prefetcher is
+  disabled: it assumes one forward scan and stalls on seeks."""
+  if _is_local(fs):
+    return fs.open(path, "rb")
+  try:
+    return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+  except TypeError:  # a filesystem without cache options
+    return fs.open(path, "rb")
+
+
 def _readinto_full(f, out: memoryview, uri: str, what: str) -> None:
   """Fills `out` from file `f` (any file-like with readinto) or raises CorruptCheckpointError on a short read."""
   n = 0
@@ -139,6 +151,35 @@ def _readinto_full(f, out: memoryview, uri: str, what: str) -> None:
     if not got:
       raise _corrupt(uri, f"{what}: expected {len(out)} bytes, file ended after {n}")
     n += got
+
+
+def _read_cast(f, offset: int, shape: tuple[int, ...], stored: np.dtype, dtype: Optional[np.dtype], uri: str,
+               what: str, crc: Optional[int] = None) -> tuple[np.ndarray, Optional[int]]:
+  """Reads a row-major array of `stored` dtype at `offset` of `f` into a new array of `dtype` (default: stored),
+  casting chunk by chunk, so host memory holds the result plus one chunk. Returns (array, zlib.crc32 continued
+  from `crc` over the raw bytes, or None when `crc` is None)."""
+  dtype = stored if dtype is None else np.dtype(dtype)
+  out = np.empty(shape, dtype)
+  flat = out.reshape(-1)
+  f.seek(offset)
+  if dtype == stored:  # straight into the result
+    buf = memoryview(flat.view(np.uint8)) if flat.size else memoryview(b"")
+    _readinto_full(f, buf, uri, what)
+    return out, (None if crc is None else zlib.crc32(buf, crc))
+  per = max(1, _READ_CHUNK // stored.itemsize)
+  stage = np.empty(min(per, flat.size), stored)
+  for i in range(0, flat.size, per):
+    n = min(per, flat.size - i)
+    buf = memoryview(stage[:n].view(np.uint8))
+    try:
+      _readinto_full(f, buf, uri, what)
+    except CorruptCheckpointError:
+      raise _corrupt(uri, f"{what}: expected {flat.size * stored.itemsize} bytes, file ended after fewer "
+                     f"than {(i + n) * stored.itemsize}") from None
+    if crc is not None:
+      crc = zlib.crc32(buf, crc)
+    flat[i:i + n] = stage[:n]
+  return out, crc
 
 
 class _PartsReader(io.RawIOBase):
@@ -169,7 +210,7 @@ class _PartsReader(io.RawIOBase):
 
   def _part(self, i):
     if i not in self._files:
-      self._files[i] = self._fs.open(self._paths[i], "rb", block_size=_BLOCK_SIZE)
+      self._files[i] = _open_read(self._fs, self._paths[i])
     return self._files[i]
 
   def readinto(self, b):
@@ -238,13 +279,15 @@ class _Npz:
     self.uri, self.fs, self.paths = uri, fs, paths
     sizes = [int(i["size"]) for i in infos]
     if len(paths) == 1:
-      self.f = fs.open(paths[0], "rb", block_size=_BLOCK_SIZE)
+      self.f = _open_read(fs, paths[0])
     else:
       self.f = io.BufferedReader(_PartsReader(fs, paths, sizes), buffer_size=1 << 16)
     try:
       self.zip = zipfile.ZipFile(self.f)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-      raise _corrupt(uri, f"not a readable zip/npz ({e})") from None
+      self.f.close()
+      raise _corrupt(uri, f"no zip directory at the end of the file, it is probably truncated ({e}; "
+                     f"{sum(sizes)} bytes in {len(paths)} file(s))") from None
     self.members = {_bv_name(z.filename): z for z in self.zip.infolist() if not z.is_dir()}
     self._headers = {}
 
@@ -282,24 +325,24 @@ class _Npz:
       out[name] = (shape, _recover_dtype(dtype))
     return out
 
-  def read(self, name) -> np.ndarray:
+  def read(self, name, dtype: Optional[np.dtype] = None) -> np.ndarray:
+    """Member `name` as an array of `dtype` (default: the stored dtype), cast while reading; CRC checked."""
     z = self.members[name]
-    shape, fortran, dtype, raw, offset = self.header(name)
+    shape, fortran, stored, raw, offset = self.header(name)
     if offset is None:  # compressed member (np.savez_compressed): let zipfile inflate and check the CRC.
       try:
         with self.zip.open(z) as m:
           arr = np.lib.format.read_array(m, allow_pickle=False)
       except (zipfile.BadZipFile, EOFError, ValueError, zlib.error) as e:
         raise _corrupt(self.uri, f"member {z.filename}: {e}") from None
-      return arr.view(_recover_dtype(arr.dtype)) if arr.dtype == np.dtype("V2") else arr
-    arr = np.empty(math.prod(shape), dtype)
-    buf = memoryview(arr.view(np.uint8).reshape(-1)) if arr.size else memoryview(b"")
-    self.f.seek(offset)
-    _readinto_full(self.f, buf, self.uri, f"member {z.filename}")
-    if zlib.crc32(buf, zlib.crc32(raw)) != z.CRC:
+      arr = arr.view(BF16) if arr.dtype == np.dtype("V2") else arr
+      return arr if dtype is None else arr.astype(dtype)
+    stored = _recover_dtype(stored)
+    arr, crc = _read_cast(self.f, offset, shape[::-1] if fortran else shape, stored, dtype, self.uri,
+                          f"member {z.filename}", zlib.crc32(raw))
+    if crc != z.CRC:
       raise _corrupt(self.uri, f"CRC mismatch in member {z.filename}")
-    arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
-    return arr.view(BF16) if dtype == np.dtype("V2") else arr
+    return arr.T if fortran else arr
 
   def close(self):
     self.zip.close()
@@ -362,7 +405,7 @@ class _Safetensors:
 
   def __init__(self, uri, fs, path, size):
     self.uri, self.fs, self.path, self.size = uri, fs, path, size
-    with fs.open(path, "rb", block_size=_BLOCK_SIZE) as f:
+    with _open_read(fs, path) as f:
       head = f.read(8)
       if len(head) < 8:
         raise _corrupt(uri, f"{os.path.basename(path)} is shorter than a safetensors header")
@@ -383,24 +426,24 @@ class _Safetensors:
     for k, (dtype, shape, b, e) in self.entries.items():
       if e - b != math.prod(shape) * dtype.itemsize:
         raise _corrupt(uri, f"{os.path.basename(path)}: tensor {k} has {e - b} bytes for shape {shape} {dtype}")
-    self._local = None
+    self._f = None
 
-  def read(self, key, rows: Optional[int] = None) -> np.ndarray:
-    """Tensor `key`, or only its first `rows` rows (a byte prefix, so the rest is never read)."""
-    dtype, shape, b, e = self.entries[key]
+  def read(self, key, rows: Optional[int] = None, dtype: Optional[np.dtype] = None) -> np.ndarray:
+    """Tensor `key` (or only its first `rows` rows: a byte prefix, the rest is never read) as `dtype` (default:
+    stored), cast while reading."""
+    stored, shape, b, _ = self.entries[key]
     if rows is not None and rows < shape[0]:
       shape = (rows,) + shape[1:]
-      e = b + math.prod(shape) * dtype.itemsize
-    if _is_local(self.fs):
-      from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-      if self._local is None:
-        self._local = safe_open(self.fs._strip_protocol(self.path), "np")  # pylint: disable=protected-access
-      return self._local.get_tensor(key) if rows is None else self._local.get_slice(key)[:rows]
-    arr = np.empty(shape, dtype)
-    with self.fs.open(self.path, "rb", block_size=_BLOCK_SIZE) as f:
-      f.seek(self.data_start + b)
-      _readinto_full(f, memoryview(arr.view(np.uint8).reshape(-1)), self.uri, f"tensor {key}")
+    if self._f is None:
+      self._f = _open_read(self.fs, self.path)
+    arr, _ = _read_cast(self._f, self.data_start + b, shape, stored, dtype, self.uri,
+                        f"tensor {key} in {os.path.basename(self.path)}")
     return arr
+
+  def close(self):
+    if self._f is not None:
+      self._f.close()
+      self._f = None
 
 
 def _write_safetensors_header(f, entries: list[tuple[str, np.dtype, tuple[int, ...]]]) -> None:
@@ -668,20 +711,33 @@ def _hf_vocab_rows(v: int) -> int:
 
 
 class Checkpoint:
-  """An opened checkpoint. Construct with `open_checkpoint`."""
+  """An opened checkpoint (headers only). Construct with `open_checkpoint`; close when done (or use `with`)."""
 
-  def __init__(self, info: CheckpointInfo, config: configs.PaliGemmaConfig, shapes, reader, plan=None,
-               extra=()):
+  def __init__(self, info: CheckpointInfo, config: configs.PaliGemmaConfig, shapes, reader, sources=None,
+               missing=None, closer=None):
     self.info, self.config = info, config
-    self._shapes, self._reader, self._plan, self._extra = shapes, reader, plan, tuple(extra)
+    self._shapes, self._reader, self._closer = shapes, reader, closer
+    self._sources = sources or {}   # name → where it comes from ("HF x in model.safetensors")
+    self._missing = missing or {}   # big_vision name → description of the HF tensors not found
 
   def __repr__(self):
     return f"Checkpoint({self.info.uri!r}, format={self.info.format}, config={self.config.name})"
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *_):
+    self.close()
 
   def names_and_shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Flat big_vision name → (shape, stored dtype); no tensor data is read. Keys not mappable to big_vision
     names (HF only) appear under their HF name with their HF shape."""
     return dict(self._shapes)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of all tensors as stored."""
+    return sum(math.prod(s) * d.itemsize for s, d in self._shapes.values())
 
   def check(self, cfg: Optional[configs.PaliGemmaConfig] = None) -> None:
     """Raises MissingKeyError / UnexpectedKeyError / ShapeMismatchError unless names and shapes are exactly
@@ -689,38 +745,54 @@ class Checkpoint:
     cfg = cfg or self.config
     want, have = configs.param_shapes(cfg), {k: s for k, (s, _) in self._shapes.items()}
     where = f"checkpoint {self.info.uri} (as {cfg.name})"
+    more = lambda xs: "; …" if len(xs) > 10 else ""
     missing = [k for k in want if k not in have]
     if missing:
       raise MissingKeyError(f"{where} is missing {len(missing)} key(s): " + "; ".join(
-          f"{k} (expected shape {want[k]})" for k in missing[:10]) + ("; …" if len(missing) > 10 else ""))
+          f"{k} (expected shape {want[k]}{self._why_missing(k)})" for k in missing[:10]) + more(missing))
     extra = [k for k in have if k not in want]
     if extra:
       raise UnexpectedKeyError(f"{where} has {len(extra)} unexpected key(s): " + "; ".join(
-          f"{k} (shape {have[k]})" for k in extra[:10]) + ("; …" if len(extra) > 10 else ""))
+          f"{k} (shape {have[k]}{self._source(k)})" for k in extra[:10]) + more(extra))
     bad = [k for k in want if tuple(have[k]) != tuple(want[k])]
     if bad:
       raise ShapeMismatchError(f"{where} has {len(bad)} shape mismatch(es): " + "; ".join(
-          f"{k}: expected {want[k]}, found {have[k]}" + self._hint(k) for k in bad[:10]))
+          f"{k}: expected {want[k]}, found {tuple(have[k])}{self._source(k)}" for k in bad[:10]) + more(bad))
 
-  def _hint(self, name):
-    return f" (from HF {', '.join(self._plan[name][0].hf)})" if self._plan and name in self._plan else ""
+  def _source(self, name):
+    return f", {self._sources[name]}" if name in self._sources else ""
 
-  def tensors(self, names: Optional[Iterable[str]] = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (big_vision name, numpy array in stored dtype) one tensor at a time, in file order."""
+  def _why_missing(self, name):
+    return f"; {self._missing[name]}" if name in self._missing else ""
+
+  def tensors(self, names: Optional[Iterable[str]] = None, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (big_vision name, numpy array) one tensor at a time, in file order, cast to `dtype` while reading
+    (default: as stored). Each array is freshly allocated and not kept: host memory holds about one tensor."""
     keep = None if names is None else set(names)
+    dtype = None if dtype is None else np.dtype(dtype)
     for name in self._shapes:
       if keep is None or name in keep:
-        yield name, self._reader(name)
+        try:
+          array = self._reader(name, dtype)
+        except CheckpointError:
+          raise
+        except (OSError, EOFError, ValueError) as e:
+          raise CheckpointError(f"checkpoint {self.info.uri}: reading {name}{self._source(name)} failed: "
+                                f"{type(e).__name__}: {e}") from None
+        yield name, array
+        del array
 
   def close(self):
-    pass
+    if self._closer is not None:
+      self._closer()
+      self._closer = None
 
 
 def _resolve(uri: str):
   try:
     fs, path = fsspec.core.url_to_fs(uri)
   except (ImportError, ValueError) as e:
-    raise CheckpointError(f"cannot open {uri}: {e}") from None
+    raise CheckpointError(f"cannot open checkpoint {uri}: {e}") from None
   return fs, path.rstrip("/")
 
 
@@ -732,29 +804,50 @@ def _info(fs, path):
 
 
 def open_checkpoint(uri: str, variant: Optional[str] = None) -> Checkpoint:
-  """Opens a big_vision .npz (also `.npz.partNN` splits) or a HF safetensors directory at any fsspec URL.
+  """Opens a big_vision .npz (also `.b16.npz`/`.f16.npz` and split `.npz.partNN`) or a HF safetensors directory
+  at any fsspec URL (local path, file://, gs://, s3://, hf://, …).
 
-  Reads only headers. `variant` names a registered config that replaces the inferred one; it is checked
-  against the tensor shapes (raises MissingKeyError/UnexpectedKeyError/ShapeMismatchError).
+  Reads only headers. The config is inferred from the tensor shapes (big_vision) or config.json (HF).
+  `variant` names a registered config that replaces the inferred one; it is checked against the tensor
+  shapes (raises MissingKeyError/UnexpectedKeyError/ShapeMismatchError). Every failure is a CheckpointError
+  whose message names the URI.
   """
   uri = str(uri)
-  fs, path = _resolve(uri)
-  info = _info(fs, path)
-  if info is not None and info.get("type") != "directory" and os.path.basename(path) in (
-      "config.json", "model.safetensors", "model.safetensors.index.json"):
-    path, info = os.path.dirname(path), _info(fs, os.path.dirname(path))
-  if info is not None and info.get("type") == "directory":
-    ck = _open_hf(uri, fs, path)
-  else:
-    ck = _open_npz(uri, fs, path, info)
+  try:
+    ck = _open(uri)
+  except CheckpointError:
+    raise
+  except FileNotFoundError as e:
+    raise CheckpointNotFoundError(f"checkpoint not found: {uri} ({e})") from None
+  except (OSError, EOFError, ValueError) as e:
+    raise CheckpointError(f"cannot read checkpoint {uri}: {type(e).__name__}: {e}") from None
   if variant is not None:
     try:
       cfg = configs.get(variant)
     except ValueError as e:
+      ck.close()
       raise CheckpointError(str(e)) from None
-    ck.check(cfg)
+    try:
+      ck.check(cfg)
+    except CheckpointError:
+      ck.close()
+      raise
     ck.config = cfg
   return ck
+
+
+def _open(uri: str) -> Checkpoint:
+  fs, path = _resolve(uri)
+  info = _info(fs, path)
+  if info is not None and info.get("type") != "directory" and (os.path.basename(path) in (
+      "config.json", "model.safetensors", "model.safetensors.index.json") or path.endswith(".safetensors")):
+    path, info = os.path.dirname(path), _info(fs, os.path.dirname(path))
+  if info is not None and info.get("type") == "directory":
+    return _open_hf(uri, fs, path)
+  return _open_npz(uri, fs, path, info)
+
+
+_NPZ_NAME = re.compile(r".*\.npz(\.part\d+)?$")
 
 
 def _open_npz(uri, fs, path, info) -> Checkpoint:
@@ -763,28 +856,34 @@ def _open_npz(uri, fs, path, info) -> Checkpoint:
     parts = sorted(fs.glob(glob_escape(base) + ".part*"))
     parts = [p for p in parts if re.fullmatch(r".*\.part\d+", p)]
     if not parts:
-      raise CheckpointNotFoundError(f"checkpoint not found: {uri}")
+      raise CheckpointNotFoundError(f"checkpoint not found: {uri}" + (
+          "" if _NPZ_NAME.match(path) else " (expected a big_vision .npz file, split .npz.partNN files, or a "
+          "Hugging Face directory)"))
     nums = [int(re.search(r"\.part(\d+)$", p).group(1)) for p in parts]
     order = sorted(range(len(parts)), key=lambda i: nums[i])
     parts, nums = [parts[i] for i in order], [nums[i] for i in order]
     if nums != list(range(nums[0], nums[0] + len(nums))) or nums[0] not in (0, 1):
-      raise _corrupt(uri, f"split parts are not consecutive: found part numbers {nums}")
+      gaps = sorted(set(range(nums[0], nums[-1] + 1)) - set(nums)) if nums[0] in (0, 1) else [0]
+      raise _corrupt(uri, f"split parts are not consecutive: found part numbers {nums}, missing {gaps}")
     infos = [fs.info(p) for p in parts]
   else:
     parts, infos = [path], [info]
-    with fs.open(path, "rb", block_size=_BLOCK_SIZE) as f:
+    with _open_read(fs, path) as f:
       magic = f.read(4)
     if magic != b"PK\x03\x04":
-      hint = "it looks like a safetensors file; point at its directory (with config.json)" if (
-          path.endswith(".safetensors")) else f"first bytes {magic!r}"
-      if magic[:2] == b"PK" or (len(magic) < 4 and path.endswith(".npz")):
-        raise _corrupt(uri, f"not a readable zip/npz ({hint})")
+      if magic[:2] == b"PK" or _NPZ_NAME.match(path):
+        raise _corrupt(uri, f"not a zip/npz file (first bytes {magic!r})")
       raise UnknownFormatError(f"cannot tell the format of {uri}: expected a big_vision .npz, split .npz.partNN "
-                               f"files, or a Hugging Face directory with config.json and model.safetensors ({hint})")
+                               f"files, or a Hugging Face directory with config.json and model.safetensors "
+                               f"(first bytes {magic!r})")
   npz = _Npz(uri, fs, parts, infos)
-  shapes = npz.names_and_shapes()
-  return Checkpoint(_make_info(uri, FORMAT_NPZ, fs, infos), config_from_shapes(
-      {k: s for k, (s, _) in shapes.items()}, uri), shapes, npz.read)
+  try:
+    shapes = npz.names_and_shapes()
+    cfg = config_from_shapes({k: s for k, (s, _) in shapes.items()}, uri)
+  except BaseException:
+    npz.close()
+    raise
+  return Checkpoint(_make_info(uri, FORMAT_NPZ, fs, infos), cfg, shapes, npz.read, closer=npz.close)
 
 
 def glob_escape(path: str) -> str:
@@ -796,18 +895,26 @@ def _open_hf(uri, fs, path) -> Checkpoint:
   cfg_info = _info(fs, join("config.json"))
   index_info, single_info = _info(fs, join("model.safetensors.index.json")), _info(fs, join("model.safetensors"))
   if cfg_info is None or (index_info is None and single_info is None):
+    found = sorted(os.path.basename(p) for p in fs.ls(path, detail=False))[:10]
+    if not found:
+      raise CheckpointNotFoundError(f"checkpoint not found: {uri} is an empty directory")
     raise UnknownFormatError(f"cannot tell the format of {uri}: a directory needs config.json and "
-                             "model.safetensors or model.safetensors.index.json (Hugging Face layout)")
+                             f"model.safetensors or model.safetensors.index.json (Hugging Face layout); "
+                             f"found {', '.join(found)}")
   try:
     hf_cfg = json.loads(fs.cat_file(join("config.json")))
-    if index_info is not None:
+  except ValueError as e:
+    raise _corrupt(uri, f"config.json is not valid JSON ({e})") from None
+  if index_info is not None:
+    try:
       weight_map = json.loads(fs.cat_file(join("model.safetensors.index.json")))["weight_map"]
       files = sorted(set(weight_map.values()))
-    else:
-      files, weight_map = ["model.safetensors"], None
-  except (ValueError, KeyError, TypeError) as e:
-    raise _corrupt(uri, f"bad config.json or index ({e!r})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise _corrupt(uri, f"model.safetensors.index.json is not a safetensors index ({e!r})") from None
+  else:
+    files, weight_map = ["model.safetensors"], None
   infos, readers = [cfg_info] + ([index_info] if index_info else []), {}
+  close = lambda: [r.close() for r in readers.values()]
   for name in files:
     i = _info(fs, join(name))
     if i is None:
@@ -821,32 +928,38 @@ def _open_hf(uri, fs, path) -> Checkpoint:
       if weight_map is not None and weight_map.get(key, fname) != fname:
         continue
       where[canonical_hf_key(key)] = (fname, key)
+  if weight_map is not None:
+    for key, fname in weight_map.items():
+      if canonical_hf_key(key) not in where:
+        raise _corrupt(uri, f"model.safetensors.index.json maps {key} to {fname}, which does not contain it")
   entry = lambda k: readers[where[k][0]].entries[where[k][1]]
+  src = lambda k: f"{where[k][1]} in {where[k][0]}"
   pos = where.get(_VIS + "embeddings.position_embedding.weight")
   emb = where.get(_TXT + "embed_tokens.weight")
   cfg = config_from_hf(hf_cfg, num_patches=entry(_VIS + "embeddings.position_embedding.weight")[1][0] if pos else None,
                        vocab_rows=entry(_TXT + "embed_tokens.weight")[1][0] if emb else None, uri=uri)
-  shapes, plan, used = {}, {}, set()
+  shapes, plan, sources, missing, used = {}, {}, {}, {}, set()
+  in_files = " or ".join(files)
   for rule in _rules(cfg):
     layers = range(cfg.text.depth if rule.bv.startswith("llm/") else cfg.vision.depth) if rule.stacked else [None]
-    keys, layer_shape = [], None
-    for i in layers:
-      ks = tuple(k.format(i=i) for k in rule.hf)
-      if not all(k in where for k in ks):
-        break
-      s = tuple(entry(k)[1] for k in ks)
-      if layer_shape is not None and s != layer_shape:
-        break
-      keys.append(ks)
-      layer_shape = s
-    if not keys:
+    keys = [tuple(k.format(i=i) for k in rule.hf) for i in layers]
+    absent = [k for ks in keys for k in ks if k not in where]
+    used.update(k for ks in keys for k in ks if k in where)
+    if absent:
+      missing[rule.bv] = f"HF {', '.join(absent[:4])}{' …' if len(absent) > 4 else ''} not found in {in_files}"
       continue
-    used.update(k for ks in keys for k in ks)
-    bv_shape = _shape_of(rule.to_bv, *layer_shape)
+    layer_shapes = [tuple(entry(k)[1] for k in ks) for ks in keys]
+    odd = next((i for i, s in enumerate(layer_shapes) if s != layer_shapes[0]), None)
+    sources[rule.bv] = "HF " + ", ".join(src(k) for k in keys[0])
+    if odd is not None:  # one layer differs: report that layer's HF tensors and shapes
+      shapes[rule.bv] = (tuple(layer_shapes[odd][0]), entry(keys[odd][0])[0])
+      sources[rule.bv] = f"HF {', '.join(src(k) for k in keys[odd])} differs from layer 0 {layer_shapes[0]}"
+      continue
+    bv_shape = _shape_of(rule.to_bv, *layer_shapes[0])
     if bv_shape is None:  # the tensor does not fit config.json's heads/head_dim: report the HF shape
-      bv_shape = layer_shape[0]
+      bv_shape = layer_shapes[0][0]
     if rule.vocab_rows:
-      bv_shape = (min(bv_shape[0], configs.VOCAB_SIZE),) + bv_shape[1:]
+      bv_shape = (min(bv_shape[0], cfg.text.vocab_size),) + bv_shape[1:]
     if rule.stacked:
       bv_shape = (len(keys),) + bv_shape
     shapes[rule.bv] = (bv_shape, entry(keys[0][0])[0])
@@ -854,22 +967,46 @@ def _open_hf(uri, fs, path) -> Checkpoint:
   for k in sorted(set(where) - used):
     if not _IGNORED_HF.match(k):
       shapes[k] = (entry(k)[1], entry(k)[0])
+      sources[k] = f"HF {src(k)}"
 
-  def read(name):
+  def read(name, dtype=None):
     if name not in plan:
       fname, key = where[name]
-      return readers[fname].read(key)
+      return readers[fname].read(key, dtype=dtype)
     rule, keys = plan[name]
-    shape, dtype = shapes[name]
-    get = lambda k: readers[where[k][0]].read(where[k][1], rows=shape[-2] if rule.vocab_rows else None)
+    shape, stored = shapes[name]
+    rows = shape[-2] if rule.vocab_rows else None
+    get = lambda k, d=None: readers[where[k][0]].read(where[k][1], rows=rows, dtype=d)
+    if rule.to_bv is _same and not rule.stacked:  # as stored: stream with the cast
+      return get(keys[0][0], dtype)
+    out = np.empty(shape, stored if dtype is None else dtype)
     if not rule.stacked:
-      return np.ascontiguousarray(rule.to_bv(*[get(k) for k in keys[0]]), dtype=dtype)
-    out = np.empty(shape, dtype)
-    for i, ks in enumerate(keys):
+      out[...] = rule.to_bv(*[get(k) for k in keys[0]])
+    for i, ks in enumerate(keys if rule.stacked else []):  # one layer at a time, cast into the stack
       out[i] = rule.to_bv(*[get(k) for k in ks])
     return out
 
-  return Checkpoint(_make_info(uri, FORMAT_HF, fs, infos), cfg, shapes, read, plan)
+  return Checkpoint(_make_info(uri, FORMAT_HF, fs, infos), cfg, shapes, read, sources, missing, close)
+
+
+def place(ckpt: Checkpoint, dtype=None, mesh=None) -> Iterator[tuple[str, Any]]:
+  """Yields (name, jax.Array): each tensor read (cast to `dtype` while reading), then put on its
+  `sharding.param_sharding` over `mesh` (or the default device). At most one transfer is in flight, so
+  host memory holds about one tensor (two while the previous one is still being copied)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from pgbatch.model import sharding  # pylint: disable=g-import-not-at-top
+  dtype = None if dtype is None else np.dtype(dtype)
+  prev = None
+  for name, array in ckpt.tensors(dtype=dtype):
+    target = sharding.param_sharding(name, array.shape, mesh) if mesh is not None else None
+    placed = jax.device_put(array, target)
+    del array
+    if prev is not None:
+      prev.block_until_ready()
+    prev = placed
+    yield name, placed
+  if prev is not None:
+    prev.block_until_ready()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -154,13 +154,22 @@ def from_params(cfg: PaliGemmaConfig, flat_params: dict[str, Any], dtype="float3
 
 def load(uri: str, dtype: str = "bfloat16", mesh=None, variant: str | None = None,
          **config_overrides) -> PaliGemma:
-  """Loads a checkpoint (big_vision .npz, split parts, or HF safetensors dir; any fsspec URL), streaming
-  each tensor onto its sharding and casting to `dtype`. `variant` overrides (and is checked against) the
-  inferred architecture; `config_overrides` replace decoder fields (e.g. final_logits_softcap=0.0)."""
+  """Loads a checkpoint from any fsspec URL: big_vision .npz (`.b16.npz`, `.f16.npz`, split `.npz.partNN`) or a
+  Hugging Face safetensors directory (single file or sharded with an index).
+
+  Names and shapes are checked first (MissingKeyError / UnexpectedKeyError / ShapeMismatchError, before anything
+  is placed); then each tensor is read, cast to `dtype` while reading and placed on its NamedSharding over `mesh`
+  (or the default device), one at a time, so host memory holds about one tensor. `variant` overrides (and is
+  checked against) the architecture inferred from the shapes; `config_overrides` replace decoder fields (e.g.
+  final_logits_softcap=0.0). The result's `.info` has the checkpoint URI and digest (provenance).
+  """
   from pgbatch import checkpoints
-  ckpt = checkpoints.open_checkpoint(uri, variant=variant)
-  cfg = ckpt.config.replace(**config_overrides) if config_overrides else ckpt.config
-  ckpt.check(cfg)
-  target = jnp.dtype(dtype)
-  placed = {name: _put(name, array, target, mesh) for name, array in ckpt.tensors()}
+  with checkpoints.open_checkpoint(uri, variant=variant) as ckpt:
+    try:
+      cfg = ckpt.config.replace(**config_overrides) if config_overrides else ckpt.config
+    except TypeError:
+      known = ", ".join(f.name for f in dataclasses.fields(configs.TextConfig))
+      raise ValueError(f"unknown config override(s) {sorted(config_overrides)}; known: {known}") from None
+    ckpt.check(cfg)
+    placed = dict(checkpoints.place(ckpt, dtype, mesh))
   return PaliGemma(cfg, unflatten(placed), mesh, ckpt.info)
