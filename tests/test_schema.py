@@ -368,3 +368,27 @@ def test_example_queries_return_the_expected_values(job):
                for r in ok if r["key"] == k for o in r["segments"]["objects"] if o["mask"] is not None
                for label in [o["label"]]] for k in ("a", "b")}
   assert coco == areas and all(a > 0 for v in areas.values() for _, a in v)
+
+
+def test_readme_output_contract_snippets_run(job):
+  """The README's "Output contract" section: its type table matches the code and its snippets run."""
+  import re
+  _, _, out = job
+  readme = (ROOT / "README.md").read_text()
+  section = readme.split("\n## Output contract\n", 1)[1].split("\n## ", 1)[0]
+  for kind in ("detect", "segment"):
+    for path, f in fields_of(T.ARROW_TYPES[kind]):
+      assert path.split(".")[-1] in section, (kind, path)
+  blocks = re.findall(r"```(sql|python)\n(.*?)```", section, re.S)
+  assert [lang for lang, _ in blocks] == ["sql", "python", "python"]
+  ok, labels, _ = _expected(job)
+  rows = duckdb.connect().sql(blocks[0][1].replace("out/*.parquet", f"{out}/*.parquet")).fetchall()
+  assert Counter(r[1] for r in rows) == labels
+  assert ("a", "car", 125, 47, 250, 141) in rows   # loc 100,200,300,400 on 640x480
+  scope = {}
+  exec(blocks[1][1].replace("out/*.parquet", f"{out}/*.parquet"), scope)  # noqa: S102
+  assert scope["boxes"].height == sum(labels.values())
+  assert scope["boxes"].schema["ymin"] == pl.Float32
+  scope = {}
+  exec(blocks[2][1].replace("out/*.parquet", f"{out}/*.parquet"), scope)  # noqa: S102
+  assert scope["binary"].shape == (200, 300)   # the last mask: row b, 300x200
