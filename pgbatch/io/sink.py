@@ -267,6 +267,10 @@ class Sink:
         f.flush()
         os.fsync(f.fileno())
       os.replace(tmp, final)
+      try:
+        os.rmdir(os.path.dirname(tmp))  # leave no empty _tmp behind; fails harmlessly while others exist
+      except OSError:
+        pass
     except BaseException:
       if os.path.exists(tmp):
         os.unlink(tmp)
