@@ -209,6 +209,36 @@ def test_detect_parser_corpus(detect, text, truncated, boxes, reasons):
   pa.array([row], type=T.DETECT_TYPE).validate(full=True)
 
 
+def test_parsers_never_raise_on_random_output(detect, segment):
+  """Seeded fuzz: object-like runs with wrong counts, bad values and junk always parse to a valid value."""
+  rng = np.random.default_rng(1)
+  junk = ["<loc9999>", "<seg999>", "<loc00", "<seg", " unicorn", "\n", "ö", ">", "<", ";", " ", "<eos>", "</s>"]
+
+  def fake_object():
+    parts = [loc(*rng.integers(0, 1024, rng.choice([4, 4, 4, 3, 5])))]
+    parts.append(seg(*rng.integers(0, 128, rng.choice([16, 16, 0, 15, 17]))))
+    parts.append(rng.choice([" car", " person", " cat", " dog", " Dog", " unicorn", ""]))
+    if rng.random() < 0.2:
+      parts.insert(int(rng.integers(0, 4)), rng.choice(junk))
+    return "".join(parts)
+
+  texts = [rng.choice([" ; ", ";", ""]).join(fake_object() for _ in range(rng.integers(0, 6)))
+           for _ in range(300)]
+  texts = [t[:int(rng.integers(0, len(t) + 1))] if rng.random() < 0.2 else t for t in texts]  # cut anywhere
+  truncated = [bool(x) for x in rng.integers(0, 2, len(texts))]
+  sizes = rng.integers(1, 2000, (len(texts), 2))
+  for task, typ in ((detect, T.DETECT_TYPE), (segment, T.SEGMENT_TYPE)):
+    rows = task.parse_batch(texts, [7] * len(texts), truncated, sizes[:, 0], sizes[:, 1])
+    pa.array(rows, type=typ).validate(full=True)
+    for row, (w, h) in zip(rows, sizes):
+      for o in row["objects"]:
+        assert 0 <= o["ymin"] < o["ymax"] < 1 and 0 <= o["xmin"] < o["xmax"] < 1
+        assert 0 <= o["ymin_px"] <= o["ymax_px"] <= h and 0 <= o["xmin_px"] <= o["xmax_px"] <= w
+        if task is segment and o["mask"] is not None:
+          assert (o["mask"]["height"], o["mask"]["width"]) == (h, w) and sum(o["mask"]["rle"]) == w * h
+  assert sum(len(r["objects"]) for r in rows) > 20 and sum(len(r["parse_errors"]) for r in rows) > 100
+
+
 def test_unknown_label_keeps_the_rest_and_nothing_is_lost(detect):
   text = B + " car ; " + loc(10, 20, 30, 40) + " unicorn ; " + loc(5, 6, 7, 8) + " person"
   row = detect.parse(text, 30, False, 100, 100)

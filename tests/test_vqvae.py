@@ -195,3 +195,10 @@ def test_missing_keys_are_named(arrays):
     vqvae.params_from_npz(partial)
   with pytest.raises(KeyError, match="not a VQ-VAE checkpoint"):
     vqvae.params_from_npz({"img/embedding/kernel": np.zeros(3)})
+
+
+def test_inconsistent_shapes_are_named(arrays):
+  with pytest.raises(ValueError, match=r"_vq_vae._embedding: expected a \[128, D\] codebook"):
+    vqvae.params_from_npz({**arrays, "_vq_vae._embedding": np.zeros((256, EMB), np.float32)})
+  with pytest.raises(ValueError, match="decoder.0.weight: expected"):
+    vqvae.params_from_npz({**arrays, "_vq_vae._embedding": np.zeros((128, EMB + 1), np.float32)})

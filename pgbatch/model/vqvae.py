@@ -55,6 +55,11 @@ def params_from_npz(npz: Mapping[str, np.ndarray]) -> dict:
              if k not in npz]
   if missing:
     raise KeyError(f"not a VQ-VAE checkpoint, missing keys: {missing[:4]}{'…' if len(missing) > 4 else ''}")
+  emb, w0 = np.shape(npz[CODEBOOK_KEY]), np.shape(npz["decoder.0.weight"])
+  if len(emb) != 2 or emb[0] != NUM_CODES:
+    raise ValueError(f"{CODEBOOK_KEY}: expected a [{NUM_CODES}, D] codebook, got shape {emb}")
+  if w0[1:] != (emb[1], 1, 1):
+    raise ValueError(f"decoder.0.weight: expected [128, {emb[1]}, 1, 1] (codebook width {emb[1]}), got {w0}")
   res = lambda i: {f"conv{j}": _conv_params(npz, f"decoder.{i}.net.{2 * j}") for j in range(3)}
   return {
       "embedding": np.asarray(npz[CODEBOOK_KEY], np.float32),
