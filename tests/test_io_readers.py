@@ -52,14 +52,15 @@ WDS_MEMBERS = [
     ("c.webp", IMG_C), ("c.npy", b"\x93NUMPY"),  # .npy is neither image nor sidecar: ignored
     ("a.jpg", IMG_B),                            # key "a" again later: a duplicate sample
     ("d.JPEG", IMG_C), ("d.jpg", IMG_A),         # first image member wins, upper-case ext ok
+    ("./e.png", IMG_A),                          # "./" prefix (tar cf x.tar ./) is not part of the key
 ]
 
 
 def wds_rows_check(rows: list[dict], shard_id: str, tar_uri: str) -> None:
   by_key = {r["key"]: r for r in rows}
-  assert [r["key"] for r in rows] == ["a", "sub/b", "nojpg", "c", "a#dup1", "d"]
+  assert [r["key"] for r in rows] == ["a", "sub/b", "nojpg", "c", "a#dup1", "d", "e"]
   assert all(set(r) == ROW_KEYS for r in rows)
-  assert all(r["shard"] == shard_id and r["shard_rows"] == 6 for r in rows)
+  assert all(r["shard"] == shard_id and r["shard_rows"] == 7 for r in rows)
   a = by_key["a"]
   assert a["status"] == "ok" and a["error"] is None and a["image_bytes"] == IMG_A
   assert a["source_uri"] == f"{tar_uri}#a.jpg"
@@ -205,7 +206,8 @@ def test_parquet_hf_struct_and_external_paths(tmp_path):
   assert rows[1]["source_uri"] == f"{p}#row1"
   e = json.loads(rows[2]["error"])
   assert e["stage"] == "read" and e["type"] == "FileNotFoundError" and "nowhere.png" in e["message"]
-  assert json.loads(rows[0]["metadata"]) == {"label": 0}
+  assert json.loads(rows[0]["metadata"]) == {"label": 0, "image_path": "b.png"}
+  assert json.loads(rows[1]["metadata"]) == {"label": 1}
 
 
 def test_parquet_bad_files(tmp_path):

@@ -48,9 +48,10 @@ SHARD_KEY = "__shard__"
 FETCH_CONCURRENCY = 16  # image files fetched at once from object stores
 
 # Errors that mean the data (or its absence) is permanent: they become error rows. Anything else propagates.
+# PermissionError is deliberately not one: wrong credentials must fail the job, not commit a bucket of error rows.
 DATA_ERRORS: tuple[type[BaseException], ...] = (
-    tarfile.TarError, EOFError, ValueError, UnicodeDecodeError, FileNotFoundError, PermissionError,
-    IsADirectoryError, NotADirectoryError, KeyError, IndexError, TypeError)
+    tarfile.TarError, EOFError, ValueError, UnicodeDecodeError, FileNotFoundError, IsADirectoryError,
+    NotADirectoryError, KeyError, IndexError, TypeError)
 
 
 class InputError(ValueError):
@@ -236,6 +237,8 @@ def _open(uri: str, storage_options: dict | None):
 def split_member(name: str) -> tuple[str, str]:
   """WebDataset naming: "dir/abc.seg.png" -> ("dir/abc", "seg.png") (key = path up to the first dot of the
   basename)."""
+  while name.startswith("./"):
+    name = name[2:]
   d, base = posixpath.split(name)
   stem, _, ext = base.partition(".")
   return (posixpath.join(d, stem) if d else stem), ext.lower()
@@ -358,7 +361,8 @@ def _resolve(path: str, base_uri: str) -> str:
 def read_parquet(shard: Shard, image_column: str = "image", key_column: str | None = "key",
                  storage_options: dict | None = None, batch_size: int = 256) -> Iterator[dict]:
   """Rows of a Parquet file, streamed by record batches. Image cells that hold only a path (HF datasets with
-  external files, or a string column) are read from that path (relative to the Parquet file's directory)."""
+  external files, or a string column) are read from that path (relative to the Parquet file's directory);
+  a struct cell's path next to its bytes goes into metadata as "image_path"."""
   uri = shard.uris[0]
   f = None
   index = 0
@@ -382,6 +386,8 @@ def read_parquet(shard: Shard, image_column: str = "image", key_column: str | No
         meta = json.dumps({c: cols[c][i] for c in meta_cols}, sort_keys=True, ensure_ascii=False,
                           default=_json_default)
         data, path = get_image(cols[image_column][i])
+        if data is not None and path and "image_path" not in meta_cols:  # HF datasets: the original file name
+          meta = meta[:-1] + ("," if meta != "{}" else "") + json.dumps({"image_path": path})[1:]
         index += 1
         if data is None and path:
           yield _read_file_row(key, shard, _resolve(path, uri), storage_options, meta, source_uri=src)
