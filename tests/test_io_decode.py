@@ -167,3 +167,21 @@ def test_decode_batch_contract(samples):
   # the input batch is not modified
   assert list(batch["status"]).count("error") == 1
   assert decode.DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS or Image.MAX_IMAGE_PIXELS >= decode.DEFAULT_MAX_PIXELS
+
+
+def test_bad_shard_read_then_decode(tmp_path, samples):
+  """The robustness tar through read_shard + decode_batch: every key exactly once, with the right status."""
+  from pgbatch.io import readers
+  path = bad_images.write_webdataset(str(tmp_path / "bad.tar"), samples)
+  rows = readers.read_shard(readers.Shard(path, (path,)), "webdataset")
+  assert all(r["shard_rows"] == len(samples) for r in rows)
+  cols = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+  out = decode_batch(cols, SIZE)
+  got = {k: (s, json.loads(e)["type"] if e else None) for k, s, e in zip(out["key"], out["status"], out["error"])}
+  assert len(got) == len(rows) == len(samples)
+  for key, _, status in samples:
+    assert got[key] == (status, EXPECTED_ERROR_TYPES.get(key)), key
+  for i, k in enumerate(out["key"]):
+    assert json.loads(out["metadata"][i])["json"]["expected"] == got[k][0]
+    if got[k][0] == "ok":
+      assert (int(out["width"][i]), int(out["height"][i])) == EXPECTED_SIZES[k]
