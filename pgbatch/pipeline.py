@@ -37,6 +37,8 @@ from pgbatch import placement, schema
 
 log = logging.getLogger(__name__)
 SHARD_ROWS = "_shard_rows"
+READ_AT = "_read_at"     # epoch seconds when the shard was read (per-shard latency in the manifest)
+INTERNAL = (SHARD_ROWS, READ_AT)
 # Read/decode tasks: an exception that escapes them (a transient I/O error; bad data becomes error rows) is
 # retried a few times before the run fails; the shard is then redone by the next run.
 RETRY_ARGS = {"max_retries": 5, "retry_exceptions": True}
@@ -148,8 +150,12 @@ def read_item(item: dict, fmt: str, image_column: str, key_column: Optional[str]
   """One shard item {id, uris} → its rows (see `pgbatch.io.readers.read_shard`)."""
   from pgbatch.io import readers
   shard = readers.Shard(item["id"], tuple(item["uris"]))
-  return readers.read_shard(shard, fmt, image_column=image_column, key_column=key_column,
+  rows = readers.read_shard(shard, fmt, image_column=image_column, key_column=key_column,
                             storage_options=storage_options or None)
+  now = time.time()
+  for r in rows:
+    r[READ_AT] = now
+  return rows
 
 
 _PRE_FILTERS: dict[str, Any] = {}   # per worker process: policy JSON -> PreFilter (models load once)
@@ -384,6 +390,9 @@ class Annotator:
                            pa.string()))
     fields.append(pa.field(SHARD_ROWS, pa.int64()))
     arrays.append(pa.array([int(x) for x in batch["shard_rows"]], pa.int64()))
+    fields.append(pa.field(READ_AT, pa.float64()))
+    arrays.append(pa.array([float(x) for x in batch[READ_AT]] if READ_AT in batch else [time.time()] * n,
+                           pa.float64()))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
@@ -447,6 +456,12 @@ def plan_info(spec) -> dict:
   return {"image_size": int(cfg.image_size), "model_variant": cfg.name, "checkpoint_digest": ckpt.info.digest}
 
 
+def pc_min(col) -> float:
+  import pyarrow.compute as pc
+  v = pc.min(col).as_py()
+  return time.time() if v is None else float(v)
+
+
 def _group_by_shard(table: pa.Table) -> dict[str, pa.Table]:
   shards = table.column("shard").to_pylist()
   idx: dict[str, list[int]] = {}
@@ -498,7 +513,8 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
   shards = readers.list_shards(spec.input.uri, spec.input.format, files_per_shard=spec.input.files_per_shard,
                                storage_options=dict(spec.input.storage_options) or None)
   out_schema = spec.output_schema()
-  sink = sink_lib.Sink(spec.output.uri, out_schema, storage_options=dict(spec.output.storage_options) or None)
+  sink = sink_lib.Sink(spec.output.uri, out_schema, storage_options=dict(spec.output.storage_options) or None,
+                       job=spec.name)
   removed = sink.cleanup()
   if removed:
     log.warning("removed %d leftover file(s) of an interrupted run: %s", len(removed), ", ".join(removed[:5]))
@@ -526,7 +542,6 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
   bar = Progress(len(todo), enabled=progress, stream=stream)
   pending: dict[str, list[pa.Table]] = {}
   counts: dict[str, int] = {}
-  first_seen: dict[str, float] = {}
   done: set[str] = set()
   try:
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
@@ -535,14 +550,15 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
           raise RuntimeError(f"shard {shard_id}: rows arrived after it was committed")
         pending.setdefault(shard_id, []).append(part)
         counts[shard_id] = counts.get(shard_id, 0) + part.num_rows
-        first_seen.setdefault(shard_id, time.monotonic())
         expected = int(part.column(SHARD_ROWS)[0].as_py())
         bar.update(images=part.num_rows)
         if counts[shard_id] > expected:
           raise RuntimeError(f"shard {shard_id}: {counts[shard_id]} rows for {expected} expected")
         if counts[shard_id] == expected:
-          table = pa.concat_tables(pending.pop(shard_id)).drop_columns([SHARD_ROWS])
-          stats = {"job": spec.name, "run_id": run_id, "seconds": round(time.monotonic() - first_seen[shard_id], 3),
+          table = pa.concat_tables(pending.pop(shard_id))
+          read_at = pc_min(table.column(READ_AT))
+          table = table.drop_columns(list(INTERNAL))
+          stats = {"job": spec.name, "run_id": run_id, "seconds": round(time.time() - read_at, 3),
                    "model_variant": info["model_variant"], "checkpoint_digest": info["checkpoint_digest"]}
           uri = sink.commit_shard(shard_id, table, stats)
           done.add(shard_id)
