@@ -81,6 +81,14 @@ class PiiPolicy(FilterPolicy):
       raise ValueError(f"unknown entity(ies) {bad}; known: {list(PII_ENTITIES)}")
     return v
 
+  @field_validator("language")
+  @classmethod
+  def _spacy_language(cls, v: str) -> str:
+    import importlib.util
+    if not v.isidentifier() or importlib.util.find_spec(f"spacy.lang.{v}") is None:
+      raise ValueError(f"spaCy has no language {v!r} (needed for its blank tokenizer pipeline)")
+    return v
+
 
 class NsfwPolicy(FilterPolicy):
   fields: list[Literal["image"]] = ["image"]
