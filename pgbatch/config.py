@@ -7,7 +7,7 @@ Sources, later ones win:
 2. environment overrides `PGBATCH__<PATH>=value`, the path's parts separated by a double underscore and
    matched case-insensitively (`PGBATCH__OUTPUT__URI=gs://b/out/`, `PGBATCH__RESOURCES__ACTORS=4`);
 3. command-line overrides `--set a.b=c` (`tasks[0].lang=de`, or a task by name: `tasks[objects].classes=[car]`).
-Override values are parsed as YAML (`4` is an int, `[a, b]` a list, `null` removes a value).
+Override values are parsed as YAML (`4` is an int, `[a, b]` a list, `null` is null).
 String values may reference the environment: `${VAR}` or `${VAR:-default}` (a missing VAR without default
 is an error). Relative local paths are resolved against the job file's folder.
 
@@ -264,7 +264,7 @@ def split_path(path: str) -> list[str | int]:
 
 
 def set_path(tree: dict, path: str, value: Any, where: str = "--set") -> None:
-  """Sets `value` at `path` in the nested dict/list `tree` (creating mappings); `None` deletes."""
+  """Sets `value` at `path` in the nested dict/list `tree` (creating mappings on the way)."""
   parts = split_path(path)
   node: Any = tree
   for i, part in enumerate(parts):
@@ -290,10 +290,7 @@ def set_path(tree: dict, path: str, value: Any, where: str = "--set") -> None:
       raise JobSpecError(where, [(shown, f"cannot set a field inside a {type(node).__name__}")])
     part = str(part)
     if last:
-      if value is None:
-        node.pop(part, None)
-      else:
-        node[part] = value
+      node[part] = value
       return
     if not isinstance(node.get(part), (dict, list)):
       node[part] = {}
