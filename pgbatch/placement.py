@@ -91,14 +91,16 @@ def annotate_ray_args(resources: Any) -> dict:
   """Keyword arguments for `ds.map_batches(AnnotateActor, **annotate_ray_args(resources))`.
 
   One actor pool of `actors` actors; each holds `chips_per_actor` accelerators. A crashed actor is
-  restarted without limit (`max_restarts=-1`) and its in-flight batch retried (`max_task_retries=-1`).
+  restarted without limit and its in-flight batch retried: Ray Data's own defaults for actor pools
+  (`max_restarts=-1`, `max_task_retries=-1`), which tests/test_infra_placement.py checks for real. They are
+  not passed here: Ray 2.60 deprecates `**ray_remote_args` in `map_batches` (removed in 2.64).
   """
   from ray.data import ActorPoolStrategy
   acc, chips, actors = accelerator(resources), int(field(resources, "chips_per_actor")), int(field(resources, "actors"))
   if chips < 1 or actors < 1:
     raise ValueError(f"resources.actors and chips_per_actor must be >= 1, got {actors}, {chips}")
   args = dict(compute=ActorPoolStrategy(size=actors), num_cpus=float(field(resources, "num_cpus")),
-              runtime_env=annotate_env(resources), max_restarts=-1, max_task_retries=-1)
+              runtime_env=annotate_env(resources))
   if acc == "gpu":
     args["num_gpus"] = chips
   elif acc == "tpu":
@@ -185,11 +187,11 @@ def tpu_chips_per_host(topology: str | None, accelerator_version: str = "v5litep
     from ray.util import tpu
     return int(tpu.get_chips_per_host(topology, accelerator_version))
   except (ImportError, AttributeError, ValueError):
-    dims = [int(d) for d in topology.split("x")]
     total = 1
-    for d in dims:
-      total *= d
-    return min(total, V5E_CHIPS_PER_HOST)
+    for d in topology.lower().split("x"):
+      total *= int(d)
+    # v5e/v6e: single-host slices (1x1, 2x2, 2x4) own all their chips; multi-host slices have 4 per host.
+    return total if total <= V5E_CHIPS_PER_HOST else 4
 
 
 # --- actor robustness -----------------------------------------------------------------------------------
