@@ -144,6 +144,25 @@ def test_webdataset_truncated_missing_garbage_empty(tmp_path):
   e = json.loads(rows[-1]["error"])
   assert e["stage"] == "read" and e["type"] == "ReadError" and "t.tar" in e["message"]
   assert all(r["shard_rows"] == 3 for r in rows)
+  # the same through gzip: a cut .tar.gz also keeps what precedes the cut and ends in one error row
+  noise = [np.random.default_rng(i).bytes(30_000) for i in range(4)]  # incompressible: the cut lands late
+  gz = gzip.compress(tar_bytes([(f"n{i}.png", b) for i, b in enumerate(noise)]), mtime=0)
+  (tmp_path / "t.tar.gz").write_bytes(gz[:len(gz) - 40])
+  rows = read_shard(Shard("z", (str(tmp_path / "t.tar.gz"),)), "webdataset")
+  assert [(r["key"], r["status"]) for r in rows] == [("n0", "ok"), ("n1", "ok"), ("n2", "ok"), ("n3", "error")]
+  assert rows[0]["image_bytes"] == noise[0] and json.loads(rows[-1]["error"])["stage"] == "read"
+  # cut exactly at a member boundary (no end-of-archive blocks): tarfile alone would end silently
+  bound = tar_bytes([("a.png", IMG_A), ("b.png", IMG_B)])
+  cut = 512 + (len(IMG_A) + 511) // 512 * 512  # header + padded data of a.png
+  assert full[:cut] == bound[:cut]
+  (tmp_path / "b.tar").write_bytes(full[:cut])
+  rows = read_shard(Shard("b", (str(tmp_path / "b.tar"),)), "webdataset")
+  assert [(r["key"], r["status"]) for r in rows] == [("a", "error")]
+  assert "end-of-archive" in json.loads(rows[0]["error"])["message"]
+  # garbage where the second header should be
+  (tmp_path / "x.tar").write_bytes(full[:cut] + b"\x07" * 2048)
+  rows = read_shard(Shard("x", (str(tmp_path / "x.tar"),)), "webdataset")
+  assert [(r["key"], r["status"]) for r in rows] == [("a", "error")]
   # cut inside the first header: no sample started, the error row is "__shard__"
   (tmp_path / "h.tar").write_bytes(full[:100])
   rows = read_shard(Shard("h", (str(tmp_path / "h.tar"),)), "webdataset")

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("webdataset", "parquet", "images")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "tif", "tiff", "bmp")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 # WebDataset members whose text goes into `metadata` (under their extension); .json is parsed.
 SIDECAR_EXTENSIONS = ("json", "txt", "cls", "text", "caption", "cap")
@@ -273,31 +273,118 @@ class _Sample:
     return make_row(self.key, shard.id, f"{uri}#{self.image_member}", self.image, meta)
 
 
+class _Raw:
+  """The underlying (possibly remote) file; remembers whether a read of it failed (a transient I/O error, to
+  propagate) as opposed to the decompressor above it failing on bad data."""
+
+  def __init__(self, f):
+    self.f, self.failed = f, False
+
+  def read(self, size: int = -1) -> bytes:
+    try:
+      return self.f.read(size)
+    except BaseException:
+      self.failed = True
+      raise
+
+  def seek(self, *a):
+    return self.f.seek(*a)
+
+  def tell(self):
+    return self.f.tell()
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, b) -> int:
+    data = self.read(len(b))
+    b[:len(data)] = data
+    return len(data)
+
+
+class _Recorder:
+  """Read-only stream wrapper that counts the bytes read and keeps the last `keep` of them; errors of a
+  decompressor become tarfile.ReadError (data errors), errors of the raw file propagate."""
+
+  def __init__(self, f, raw: _Raw, keep: int = 4 * tarfile.RECORDSIZE):
+    self.f, self.raw, self.n, self.tail, self.keep = f, raw, 0, b"", keep
+
+  def read(self, size: int = -1) -> bytes:
+    try:
+      b = self.f.read(size)
+    except Exception as e:  # noqa: BLE001 - sorted below
+      if self.raw.failed or self.f is self.raw:
+        raise
+      raise tarfile.ReadError(f"corrupt compressed stream: {type(e).__name__}: {e}") from e
+    self.n += len(b)
+    self.tail = (self.tail + b)[-self.keep:]
+    return b
+
+  def at(self, pos: int, size: int) -> bytes:
+    """Bytes [pos, pos + size) of the stream if still kept (b"" if not read or already dropped)."""
+    start = self.n - len(self.tail)
+    return self.tail[pos - start:pos - start + size] if pos >= start else b""
+
+
+def _decompressing(raw: _Raw):
+  """gzip / bz2 / xz streams by their magic bytes; plain tar as is."""
+  import bz2  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import lzma  # pylint: disable=g-import-not-at-top
+  head = raw.read(6)
+  raw.seek(0)
+  if head.startswith(b"\x1f\x8b"):
+    return gzip.GzipFile(fileobj=raw, mode="rb")
+  if head.startswith(b"BZh"):
+    return bz2.BZ2File(raw, mode="rb")
+  if head.startswith(b"\xfd7zXZ\x00"):
+    return lzma.LZMAFile(raw, mode="rb")
+  return raw
+
+
+def _check_end(tar: tarfile.TarFile, rec: _Recorder, last: str | None) -> None:
+  """tarfile ends iteration silently on a truncated or garbled header after the first member; a complete
+  archive ends with a zero block. Then reads to the end so that a compressed stream checks its CRC."""
+  block = rec.at(tar.offset, tarfile.BLOCKSIZE)
+  if len(block) != tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+    after = f"after member {last!r}" if last else "at the start"
+    raise tarfile.ReadError(f"no end-of-archive marker {after} (offset {tar.offset}): truncated or corrupt tar")
+  while rec.read(1 << 20):
+    pass
+
+
 def read_webdataset(shard: Shard, storage_options: dict | None = None) -> Iterator[dict]:
-  """Streams a tar (optionally gzip'd); consecutive members with the same key form a sample; a member whose
-  extension the current sample already has starts a new sample (a duplicate key, flagged by dedupe_keys)."""
+  """Streams a tar (optionally gzip/bz2/xz compressed); consecutive members with the same key form a sample; a
+  member whose extension the current sample already has starts a new sample (a duplicate key, flagged by
+  dedupe_keys). A tar that is cut short or garbled anywhere (also between members) ends in an error row."""
   uri = shard.uris[0]
   cur: _Sample | None = None
+  last = None
   try:
-    with _open(uri, storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-      for m in tar:
-        if not m.isfile():
-          continue
-        if posixpath.basename(m.name).startswith("."):  # hidden files, macOS "._x" resource forks
-          continue
-        key, ext = split_member(m.name)
-        if cur is None or key != cur.key or ext in cur.exts:
-          if cur is not None:
-            yield cur.row(shard, uri)
-          cur = _Sample(key)
-        cur.exts.add(ext)
-        data = tar.extractfile(m).read()
-        if len(data) != m.size:
-          raise tarfile.ReadError(f"member {m.name!r} truncated ({len(data)} of {m.size} bytes)")
-        if _is_image_ext(ext) and cur.image is None:
-          cur.image, cur.image_member = data, m.name
-        elif ext in SIDECAR_EXTENSIONS or ext.rsplit(".", 1)[-1] in SIDECAR_EXTENSIONS:
-          cur.meta[ext] = _sidecar(ext, data)
+    with _open(uri, storage_options) as f:
+      raw = _Raw(f)
+      rec = _Recorder(_decompressing(raw), raw)
+      with tarfile.open(fileobj=rec, mode="r|") as tar:
+        for m in tar:
+          last = m.name
+          if not m.isfile():
+            continue
+          if posixpath.basename(m.name).startswith("."):  # hidden files, macOS "._x" resource forks
+            continue
+          key, ext = split_member(m.name)
+          if cur is None or key != cur.key or ext in cur.exts:
+            if cur is not None:
+              yield cur.row(shard, uri)
+            cur = _Sample(key)
+          cur.exts.add(ext)
+          data = tar.extractfile(m).read()
+          if len(data) != m.size:
+            raise tarfile.ReadError(f"member {m.name!r} truncated ({len(data)} of {m.size} bytes)")
+          if _is_image_ext(ext) and cur.image is None:
+            cur.image, cur.image_member = data, m.name
+          elif ext in SIDECAR_EXTENSIONS or ext.rsplit(".", 1)[-1] in SIDECAR_EXTENSIONS:
+            cur.meta[ext] = _sidecar(ext, data)
+        _check_end(tar, rec, last)
   except DATA_ERRORS as e:
     # The sample in progress may be incomplete: it becomes the single error row for the rest of the shard.
     key = cur.key if cur is not None else SHARD_KEY

@@ -44,7 +44,7 @@ TMP_DIR = "_tmp"
 MANIFEST_VERSION = 1
 DATA_SUFFIX = ".parquet"
 _DATA_NAME = re.compile(r"^.+-[0-9a-f]{12}\.parquet$")
-_SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".parquet", ".pq")
+_SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".parquet", ".pq")
 # Entry keys the sink computes; caller stats cannot override them.
 _OWN_KEYS = ("shard", "file", "name", "rows", "ok", "error", "filtered", "errors", "size", "generation",
              "schema_version", "pgbatch_version", "manifest_version", "committed_at", "write_seconds")
