@@ -278,20 +278,30 @@ class _Raw:
   propagate) as opposed to the decompressor above it failing on bad data."""
 
   def __init__(self, f):
-    self.f, self.failed = f, False
+    self.f, self.failed, self.head = f, False, b""
+
+  def peek_head(self, n: int) -> bytes:
+    """The first n bytes, served again by the next reads (no seek: works on non-seekable streams too)."""
+    self.head = self.read(n)
+    return self.head
 
   def read(self, size: int = -1) -> bytes:
+    if self.head:
+      if size is None or size < 0:
+        out, self.head = self.head + self._read(-1), b""
+      else:
+        out, self.head = self.head[:size], self.head[size:]
+        if len(out) < size:
+          out += self._read(size - len(out))
+      return out
+    return self._read(size)
+
+  def _read(self, size: int) -> bytes:
     try:
       return self.f.read(size)
     except BaseException:
       self.failed = True
       raise
-
-  def seek(self, *a):
-    return self.f.seek(*a)
-
-  def tell(self):
-    return self.f.tell()
 
   def readable(self) -> bool:
     return True
@@ -331,8 +341,7 @@ def _decompressing(raw: _Raw):
   import bz2  # pylint: disable=g-import-not-at-top
   import gzip  # pylint: disable=g-import-not-at-top
   import lzma  # pylint: disable=g-import-not-at-top
-  head = raw.read(6)
-  raw.seek(0)
+  head = raw.peek_head(6)
   if head.startswith(b"\x1f\x8b"):
     return gzip.GzipFile(fileobj=raw, mode="rb")
   if head.startswith(b"BZh"):
