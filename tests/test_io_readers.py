@@ -251,6 +251,11 @@ def test_parquet_many_row_groups(tmp_path):
   pq.write_table(t, tmp_path / "big.parquet", row_group_size=100)
   rows = read_shard(Shard("b", (str(tmp_path / "big.parquet"),)), "parquet")
   assert [r["key"] for r in rows] == t["key"].to_pylist() and rows[0]["shard_rows"] == n
+  # a directory of parquet: "_"/"." files and folders (Spark/pyarrow dataset convention) are not shards
+  (tmp_path / "_temporary").mkdir()
+  pq.write_table(t, tmp_path / "_temporary" / "part-0.parquet")
+  pq.write_table(t, tmp_path / "_common_metadata.parquet")
+  assert [s.id for s in list_shards(str(tmp_path), "parquet")] == [str(tmp_path / "big.parquet")]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,12 +267,17 @@ def test_images_chunked_per_directory(tmp_path):
     for i in range(n):
       (tmp_path / d / f"img{i}.png").write_bytes(png((i * 40, 0, 0)))
   (tmp_path / "a" / "notes.txt").write_text("skip me")
+  (tmp_path / "a" / ".hidden.png").write_bytes(IMG_A)
+  (tmp_path / "a" / ".thumbs").mkdir()
+  (tmp_path / "a" / ".thumbs" / "t.png").write_bytes(IMG_A)
+  (tmp_path / "b" / "_DSC0001.JPG").write_bytes(IMG_A)  # camera names with "_" are images
   (tmp_path / "a" / "bad.jpg").write_bytes(b"text named .jpg")  # listed: decode will reject it
   shards = list_shards(str(tmp_path), "images", files_per_shard=2)
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  assert [s.id for s in shards] == [f"{a}/bad.jpg+2", f"{a}/img1.png+2", f"{a}/img3.png+2", f"{b}/img0.png+2"]
+  assert [s.id for s in shards] == [f"{a}/bad.jpg+2", f"{a}/img1.png+2", f"{a}/img3.png+2",
+                                    f"{b}/_DSC0001.JPG+2", f"{b}/img1.png+1"]
   assert shards[0].uris == (f"{a}/bad.jpg", f"{a}/img0.png")
-  assert sum(len(s.uris) for s in shards) == 8
+  assert sum(len(s.uris) for s in shards) == 9
   rows = read_shard(shards[0], "images")
   assert [(r["key"], r["status"], r["source_uri"]) for r in rows] == [
       ("bad.jpg", "ok", f"{a}/bad.jpg"), ("img0.png", "ok", f"{a}/img0.png")]
@@ -277,8 +287,8 @@ def test_images_chunked_per_directory(tmp_path):
   # a file that vanished after listing is one error row
   os.unlink(tmp_path / "b" / "img1.png")
   rows = read_shard(shards[-1], "images")
-  assert [(r["key"], r["status"]) for r in rows] == [("img0.png", "ok"), ("img1.png", "error")]
-  assert json.loads(rows[1]["error"])["type"] == "FileNotFoundError" and rows[1]["shard_rows"] == 2
+  assert [(r["key"], r["status"]) for r in rows] == [("img1.png", "error")]
+  assert json.loads(rows[0]["error"])["type"] == "FileNotFoundError" and rows[0]["shard_rows"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -117,10 +117,16 @@ def expand_braces(pattern: str) -> list[str]:
   return [head + a + t for a in alts for t in expand_braces(tail)]
 
 
-def _wanted(path: str, fmt: str) -> bool:
-  name = posixpath.basename(path).lower()
-  if name.startswith((".", "_")):
+def _wanted(path: str, fmt: str, root: str = "") -> bool:
+  """Whether a listed file belongs to the input: the format's extension, not hidden ("." anywhere under
+  `root`), and for Parquet not "_"-prefixed (_SUCCESS, _metadata, ... as pyarrow/Spark datasets ignore them).
+  Image files starting with "_" (e.g. cameras' "_DSC0001.JPG") are kept."""
+  rel = path[len(root):] if root and path.startswith(root) else posixpath.basename(path)
+  parts = [x for x in rel.split("/") if x]
+  skip = (".", "_") if fmt == "parquet" else (".",)
+  if any(x.startswith(skip) for x in parts):
     return False
+  name = posixpath.basename(path).lower()
   if fmt == "webdataset":
     return name.endswith(TAR_SUFFIXES)
   if fmt == "parquet":
@@ -143,7 +149,7 @@ def list_files(uri: str, fmt: str, storage_options: dict | None = None) -> tuple
       # An explicit glob is taken as given for tar/parquet; for loose image files, skip non-image files.
       found.update(p for p in matched if fmt != "images" or _wanted(p, fmt))
     elif fs.isdir(path):
-      found.update(p for p in fs.find(path) if _wanted(p, fmt))
+      found.update(p for p in fs.find(path) if _wanted(p, fmt, path.rstrip("/") + "/"))
     elif fs.exists(path):
       found.add(path)
   return fs, sorted(found)
