@@ -4,11 +4,15 @@ Fixtures are test values only: a Luhn-valid test card, a published example IBAN,
 SSN, example.com addresses, a 555 phone number; profane strings are mild and constructed.
 """
 import os
-import socket
+import random
+import re
 
 import pytest
 
 from pgbatch.safety import SafetyPolicy, decide_row, load_filter, score_text
+from pgbatch.safety.policy import WORDLIST_LANGUAGES
+from pgbatch.safety.text import NO_WORD_BOUNDARY, compile_wordlist, read_words, wordlist_path
+from tests.safety_offline import no_network
 
 CARD, IBAN, SSN = "4111 1111 1111 1111", "GB82 WEST 1234 5698 7654 32", "512-38-4476"
 EMAIL, PHONE, IP = "jane.doe@example.com", "+1 212-555-0198", "192.168.10.4"
@@ -20,19 +24,15 @@ RAW = {"CREDIT_CARD": CARD, "IBAN_CODE": IBAN, "US_SSN": SSN, "EMAIL_ADDRESS": E
 
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory):
-  """No sockets, and an empty cache dir: the blank spaCy pipeline must be created, not downloaded."""
+  """No sockets for the whole module, and an empty cache dir: the blank spaCy pipeline must be created, not
+  downloaded; word lists, the toxicity model and the e-mail suffix list come from installed files."""
   mp = pytest.MonkeyPatch()
   cache = tmp_path_factory.mktemp("cache")
   mp.setenv("PGBATCH_CACHE_DIR", str(cache))
-
-  def no_network(*a, **k):
-    raise AssertionError(f"network access attempted: {a[1:] if a else k}")
-
-  mp.setattr(socket.socket, "connect", no_network)
-  mp.setattr(socket, "create_connection", no_network)
-  mp.setattr(socket, "getaddrinfo", no_network)
-  yield cache
+  with no_network() as attempts:
+    yield cache
   mp.undo()
+  assert attempts == []
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,130 @@ def test_mild_profanity_is_redacted_and_flagged(filters):
   assert decision == "redacted"
   assert written["caption.text"] == "Caption: what a [PROFANITY] day, you [PROFANITY]."
   assert {(f["filter"], f["action"]) for f in rec["findings"]} == {("wordlist", "redact"), ("toxicity", "flag")}
+
+
+VALID = [  # (category, value): test card numbers, published example IBANs, reserved/fictional numbers
+    ("CREDIT_CARD", "4111 1111 1111 1111"), ("CREDIT_CARD", "5555 5555 5555 4444"),
+    ("CREDIT_CARD", "3782 822463 10005"), ("CREDIT_CARD", "6011111111111117"),
+    ("IBAN_CODE", "GB82 WEST 1234 5698 7654 32"), ("IBAN_CODE", "DE89 3704 0044 0532 0130 00"),
+    ("IBAN_CODE", "FR14 2004 1010 0505 0001 3M02 606"), ("IBAN_CODE", "NL91ABNA0417164300"),
+    ("PHONE_NUMBER", "+44 20 7946 0958"), ("PHONE_NUMBER", "(212) 555-0198"), ("PHONE_NUMBER", "+49 30 901820"),
+    ("EMAIL_ADDRESS", "jane.doe@example.com"), ("EMAIL_ADDRESS", "x.y@mail.example.co.uk"),
+    ("IP_ADDRESS", "10.0.0.1"), ("IP_ADDRESS", "2001:db8::ff00:42:8329"),
+]
+INVALID = [  # the same shapes failing their validation (Luhn, IBAN mod-97, SSN rules, octets, TLD, length)
+    ("CREDIT_CARD", "4111 1111 1111 1112"), ("CREDIT_CARD", "5555 5555 5555 4445"),
+    ("IBAN_CODE", "GB82 WEST 1234 5698 7654 33"), ("IBAN_CODE", "DE89 3704 0044 0532 0130 01"),
+    ("US_SSN", "000-12-3456"), ("US_SSN", "666-12-3456"), ("US_SSN", "123-00-4567"), ("US_SSN", "123-45-0000"),
+    ("IP_ADDRESS", "999.1.1.1"), ("EMAIL_ADDRESS", "a@b.c"), ("PHONE_NUMBER", "212-555-01"),
+]
+
+
+@pytest.mark.parametrize("category,value", VALID)
+def test_pii_valid_values_found_with_exact_span(filters, category, value):
+  p, fs = filters
+  text = f"Receipt — {value} — thank you"
+  hits = [h for h in fs["pii"].score([text])[0] if h.category == category]
+  assert [text[h.start:h.end] for h in hits] == [value]
+  assert hits[0].score >= p.pii.rule(category)[0]
+
+
+@pytest.mark.parametrize("category,value", INVALID)
+def test_pii_invalid_values_rejected(filters, category, value):
+  _, fs = filters
+  text = f"Receipt — {value} — thank you"
+  assert category not in {h.category for h in fs["pii"].score([text])[0]}
+
+
+def generated_ssns(n: int, seed: int = 0) -> list[str]:
+  """Valid-format SSNs: area 001-899 except 666, group 01-99, serial 0001-9999 (not the canonical samples)."""
+  rng = random.Random(seed)
+  out = []
+  while len(out) < n:
+    area, group, serial = rng.randint(1, 899), rng.randint(1, 99), rng.randint(1, 9999)
+    if area != 666 and len({*f"{area:03d}{group:02d}{serial:04d}"}) > 1:
+      out.append(f"{area:03d}-{group:02d}-{serial:04d}")
+  return out
+
+
+def test_generated_ssns_and_context_words(filters):
+  p, fs = filters
+  t = p.pii.rule("US_SSN")[0]
+  ssns = generated_ssns(12)
+  texts = [f"Employee form. SSN: {v}. Signed." for v in ssns]
+  for text, v, hits in zip(texts, ssns, fs["pii"].score(texts)):
+    (h,) = [h for h in hits if h.category == "US_SSN"]
+    assert text[h.start:h.end] == v and h.score >= t
+  digits = ssns[0].replace("-", "")  # a bare 9-digit number is an SSN only next to a context word
+  (with_ctx,), (without,) = [[h for h in hits if h.category == "US_SSN"] for hits in
+                             fs["pii"].score([f"social security number {digits}", f"order no {digits}"])]
+  assert with_ctx.score >= t > without.score
+
+
+def test_pii_other_language_pipeline_offline(offline):
+  p = SafetyPolicy.model_validate({"pii": {"language": "de"}})
+  text = "Rechnung\nIBAN DE89 3704 0044 0532 0130 00\nTel. +49 30 901820\nE-Mail: max.muster@example.de"
+  hits = load_filter("pii", p).score([text])[0]
+  assert {h.category: text[h.start:h.end] for h in hits if h.category != "URL"} == {
+      "IBAN_CODE": "DE89 3704 0044 0532 0130 00", "PHONE_NUMBER": "+49 30 901820",
+      "EMAIL_ADDRESS": "max.muster@example.de"}
+  assert any(d.startswith("spacy-blank-de-") for d in os.listdir(offline))
+  with pytest.raises(ValueError, match="pii.language"):
+    SafetyPolicy.model_validate({"pii": {"language": "zz"}})
+
+
+def test_redaction_offsets_with_non_bmp_text_and_overlaps(filters):
+  p, fs = filters
+  text = f"🚗🅿️ crap! pay to {IBAN} 👍 or mail {EMAIL}"
+  decision, written, rec = decide_row(score_text([text], p, "ocr.text", filters=fs)[0], p, {"ocr.text": text}, "d")
+  out = written["ocr.text"]
+  assert decision == "redacted" and out == "🚗🅿️ [PROFANITY]! pay to [IBAN_CODE] 👍 or mail [EMAIL_ADDRESS]"
+  redacted = [(f["category"], out[f["start"]:f["end"]]) for f in rec["findings"] if f["action"] == "redact"]
+  assert sorted(redacted) == [("EMAIL_ADDRESS", "[EMAIL_ADDRESS]"), ("IBAN_CODE", "[IBAN_CODE]"),
+                              ("profanity", "[PROFANITY]")]
+  flagged = [f for f in rec["findings"] if f["action"] == "flag"]  # URL inside the e-mail: span = the placeholder
+  assert all(out[f["start"]:f["end"]] == "[EMAIL_ADDRESS]" for f in flagged if f["category"] == "URL")
+
+
+def test_wordlist_case_whitespace_and_unspaced_scripts(offline):
+  en_words = read_words(wordlist_path("en"))
+  multi = next(w for w in en_words if " " in w)  # taken from the installed list: no such word in the repo
+  zh = next(w for w in read_words(wordlist_path("zh")) if len(w) >= 2)
+  p = SafetyPolicy.model_validate({"wordlist": {"languages": ["en", "zh"]}})
+  f = load_filter("wordlist", p)
+  spaced = multi.upper().replace(" ", "  \n ")
+  texts = [f"Sign reads: {spaced}.", f"路牌上写着{zh}和别的字", "Crapshoot? no: CRAP."]
+  spans = [[t[h.start:h.end] for h in hits] for t, hits in zip(texts, f.score(texts))]
+  assert spans == [[spaced], [zh], ["CRAP"]]
+
+
+def naive_pattern(words: list[str], boundaries: bool) -> re.Pattern:
+  alt = "|".join(re.escape(w).replace(r"\ ", r"\s+") for w in words)  # longest first: the reference semantics
+  return re.compile(rf"(?<!\w)(?:{alt})(?!\w)" if boundaries else f"(?:{alt})", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("lang", WORDLIST_LANGUAGES)
+def test_trie_wordlist_matches_plain_alternation(lang):
+  words = read_words(wordlist_path(lang))
+  rng = random.Random(lang)
+  filler = "the sign on a street near people walking ein der la el un le".split()
+  texts = []
+  for _ in range(150):
+    parts = [rng.choice(filler) for _ in range(rng.randint(2, 6))]
+    for w in rng.sample(words, 2):
+      w = rng.choice([w, w.upper(), w + "s", w[:-1], "x" + w, w.title()])
+      parts.insert(rng.randint(0, len(parts)), w)
+    texts.append(rng.choice([" ", ""]).join(parts))
+  boundaries = lang not in NO_WORD_BOUNDARY
+  fast, ref = compile_wordlist(words, boundaries), naive_pattern(words, boundaries)
+  for t in texts:
+    assert [m.span() for m in fast.finditer(t)] == [m.span() for m in ref.finditer(t)], t
+
+
+def test_trie_merges_case_folded_siblings():
+  # Under IGNORECASE "i" also matches Turkish dotless "ı": unmerged siblings would stop at the shorter entry.
+  words = sorted(["kit", "kıt xyz", "kıtten"], key=lambda w: (-len(w), w))
+  text = "a KIT XYZ, a kıt  xyz and a kitten kıtten"
+  fast, ref = compile_wordlist(words, True), naive_pattern(words, True)
+  assert [m.group() for m in fast.finditer(text)] == [m.group() for m in ref.finditer(text)] == [
+      "KIT XYZ", "kıt  xyz", "kitten", "kıtten"]
