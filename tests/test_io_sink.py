@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -56,14 +57,16 @@ def test_commit_read_back_pyarrow_duckdb(tmp_path, schema):
   out = str(tmp_path / "out")
   s = Sink(out, schema, job="nightly-1")
   assert s.committed() == {} and s.cleanup() == [] and read_manifest(out) == []
-  uris = [s.commit_shard(sh, shard_table(sh), {"seconds": 2.5, "images_per_s": 1.2, "rows": 999}) for sh in SHARDS]
+  stats = {"seconds": 2.5, "images_per_s": np.float32(1.25), "rows": 999, "n": np.int64(7)}
+  uris = [s.commit_shard(sh, shard_table(sh), stats) for sh in SHARDS]
   assert uris == [os.path.join(out, output_name(sh)) for sh in SHARDS]
   assert sorted(os.listdir(out)) == sorted([output_name(sh) for sh in SHARDS] + ["_manifest"])
   c = s.committed()
   assert set(c) == set(SHARDS)
   e = c[SHARDS[0]]
   assert e["rows"] == 3 and (e["ok"], e["error"], e["filtered"]) == (1, 1, 1)  # caller's "rows" ignored
-  assert e["errors"] == {"decode/TruncatedImageError": 1} and e["seconds"] == 2.5 and e["images_per_s"] == 1.2
+  assert e["errors"] == {"decode/TruncatedImageError": 1} and e["seconds"] == 2.5 and e["images_per_s"] == 1.25
+  assert e["n"] == 7
   assert e["job"] == "nightly-1" and e["schema_version"] == "1" and e["pgbatch_version"]
   assert e["size"] == os.path.getsize(uris[0]) and e["file"] == uris[0] and e["committed_at"].endswith("+00:00")
   assert [m["shard"] for m in read_manifest(out)] == sorted(SHARDS)

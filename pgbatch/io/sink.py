@@ -35,7 +35,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pgbatch.io.readers import to_uri
+from pgbatch.io.readers import _json_default, to_uri
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ class Sink:
     return self.fs.info(path)
 
   def write_marker(self, name: str, entry: dict) -> None:
-    body = json.dumps(entry, indent=1, sort_keys=True, default=str).encode()
+    body = json.dumps(entry, indent=1, sort_keys=True, default=_json_default).encode()
     path = self.marker_path(name)
     if self.local:
       self._put_local(path, lambda f: f.write(body))
