@@ -185,3 +185,13 @@ def test_bad_shard_read_then_decode(tmp_path, samples):
     assert json.loads(out["metadata"][i])["json"]["expected"] == got[k][0]
     if got[k][0] == "ok":
       assert (int(out["width"][i]), int(out["height"][i])) == EXPECTED_SIZES[k]
+
+
+def test_only_allowed_formats():
+  eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+  with pytest.raises(DecodeError) as e:
+    decode_image(eps, SIZE)
+  assert e.value.type_ == "UnidentifiedImageError"
+  for fmt in ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "PPM", "ICO"):
+    px, w, h = decode_image(save(Image.new("RGB", (16, 16), (9, 99, 199)), fmt), SIZE)
+    assert (w, h) == (16, 16) and np.abs(px.astype(int) - [9, 99, 199]).max() < 12, fmt

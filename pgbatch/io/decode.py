@@ -10,7 +10,8 @@
 - Squash: a plain resize to size x size (no aspect keep, no crop), bilinear with antialiasing (PIL widens the
   filter support when downscaling). Large JPEGs are first decoded at a reduced DCT scale that stays >= size.
 - Decompression bombs: the pixel count from the header is checked against `max_pixels` before any pixel is
-  decoded.
+  decoded. Only the formats in FORMATS are opened (sniffed from the bytes; EPS, which would run Ghostscript on
+  untrusted input, is not among them).
 Failures raise DecodeError(type_, message); decode_batch turns them into error rows (stage "decode").
 """
 from __future__ import annotations
@@ -28,6 +29,10 @@ from pgbatch.io.readers import error_json
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own default bomb threshold (Image.MAX_IMAGE_PIXELS): ~13k x 13k
+# Formats PIL may open (sniffed from the bytes, never from the name). Deliberately not: EPS (runs Ghostscript on
+# untrusted input), WMF, and the scientific/legacy formats (FITS, GRIB, HDF5, SPIDER, ...) no photo pipeline needs.
+FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "TIFF", "BMP", "DIB", "ICO", "PPM", "JPEG2000", "AVIF", "QOI", "TGA",
+           "PSD")
 ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that transpose (width <-> height)
 EXIF_ORIENTATION = 0x0112
@@ -48,6 +53,11 @@ def _allow_pixels(max_pixels: int) -> None:
   cur = Image.MAX_IMAGE_PIXELS
   if cur is not None and cur < max_pixels:
     Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _formats() -> tuple[str, ...]:
+  Image.init()
+  return tuple(f for f in FORMATS if f in Image.OPEN)
 
 
 def _magic(data: bytes) -> str:
@@ -118,7 +128,7 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      im = Image.open(io.BytesIO(data))
+      im = Image.open(io.BytesIO(data), formats=_formats())
   except Image.DecompressionBombError as e:
     raise DecodeError("DecompressionBombError", f"decompression bomb (limit {max_pixels} pixels): {e}") from e
   except UnidentifiedImageError as e:
