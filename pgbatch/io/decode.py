@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own default bomb threshold (Image.MAX_IMAGE_PIXELS): ~13k x 13k
 # Formats PIL may open (sniffed from the bytes, never from the name). Deliberately not: EPS (runs Ghostscript on
-# untrusted input), WMF, and the scientific/legacy formats (FITS, GRIB, HDF5, SPIDER, ...) no photo pipeline needs.
-FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "TIFF", "BMP", "DIB", "ICO", "PPM", "JPEG2000", "AVIF", "QOI", "TGA",
+# untrusted input), WMF, TGA (no magic bytes: it claims random data) and the scientific/legacy formats (FITS,
+# GRIB, HDF5, SPIDER, ...) no photo pipeline needs.
+FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "TIFF", "BMP", "DIB", "ICO", "PPM", "JPEG2000", "AVIF", "QOI",
            "PSD")
 ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that transpose (width <-> height)
