@@ -99,6 +99,10 @@ class CheckpointInfo:
   files: tuple[tuple[str, int], ...]  # (path, size) in logical order
   fs: Any = dataclasses.field(default=None, repr=False, compare=False)
 
+  def as_dict(self) -> dict[str, str]:
+    """For an output's provenance column."""
+    return dict(uri=self.uri, format=self.format, digest=self.digest)
+
   def full_sha256(self) -> str:
     """sha256 of the content. npz (also when split into parts): of the logical file. HF dir: of
     "name sha256(file)\\n" lines in name order."""
@@ -814,7 +818,7 @@ def open_checkpoint(uri: str, variant: Optional[str] = None) -> Checkpoint:
   """
   uri = str(uri)
   try:
-    ck = _open(uri)
+    ck = _open(uri, variant)
   except CheckpointError:
     raise
   except FileNotFoundError as e:
@@ -836,7 +840,7 @@ def open_checkpoint(uri: str, variant: Optional[str] = None) -> Checkpoint:
   return ck
 
 
-def _open(uri: str) -> Checkpoint:
+def _open(uri: str, variant: Optional[str]) -> Checkpoint:
   fs, path = _resolve(uri)
   info = _info(fs, path)
   if info is not None and info.get("type") != "directory" and (os.path.basename(path) in (
@@ -844,13 +848,13 @@ def _open(uri: str) -> Checkpoint:
     path, info = os.path.dirname(path), _info(fs, os.path.dirname(path))
   if info is not None and info.get("type") == "directory":
     return _open_hf(uri, fs, path)
-  return _open_npz(uri, fs, path, info)
+  return _open_npz(uri, fs, path, info, variant)
 
 
 _NPZ_NAME = re.compile(r".*\.npz(\.part\d+)?$")
 
 
-def _open_npz(uri, fs, path, info) -> Checkpoint:
+def _open_npz(uri, fs, path, info, variant=None) -> Checkpoint:
   base = re.sub(r"\.part\d+$", "", path)
   if info is None or base != path:
     parts = sorted(fs.glob(glob_escape(base) + ".part*"))
@@ -879,7 +883,10 @@ def _open_npz(uri, fs, path, info) -> Checkpoint:
   npz = _Npz(uri, fs, parts, infos)
   try:
     shapes = npz.names_and_shapes()
-    cfg = config_from_shapes({k: s for k, (s, _) in shapes.items()}, uri)
+    if variant in configs.VARIANTS:  # checked against the shapes by the caller; nothing to infer
+      cfg = configs.VARIANTS[variant]
+    else:
+      cfg = config_from_shapes({k: s for k, (s, _) in shapes.items()}, uri)
   except BaseException:
     npz.close()
     raise
