@@ -166,21 +166,15 @@ def entrypoint(overrides: Iterable[str] = ()) -> str:
 
 
 def validate_locally(job_path: str, overrides: Iterable[str] = ()) -> None:
-  """Parse and validate the spec here before anything is uploaded; raises `ValueError` if invalid."""
-  text = Path(job_path).read_text()
-  if not isinstance(yaml.safe_load(text), dict):
-    raise ValueError(f"{job_path}: a job spec is a YAML mapping")
+  """Validate the spec here (with the `--set` overrides) before anything is uploaded; `ValueError` if invalid.
+
+  The cluster validates again on `pgbatch run`, with its own environment (`${VAR}`, `PGBATCH__…`).
+  """
+  from pgbatch import config
   try:
-    from pgbatch import config
-  except ImportError:
-    return  # no JobSpec in this install: the cluster validates on `pgbatch run`
-  load = getattr(config, "load_job", None) or getattr(config, "load", None)
-  if load is None:
-    return
-  try:
-    load(job_path, list(overrides))
-  except Exception as e:  # noqa: BLE001 - any validation failure is reported the same way
-    raise ValueError(f"{job_path}: invalid job spec: {e}") from e
+    config.load(job_path, list(overrides))
+  except config.JobSpecError as e:
+    raise ValueError(str(e)) from None
 
 
 # --- client ---------------------------------------------------------------------------------------------

@@ -1,5 +1,16 @@
-"""`pgbatch submit` pieces without a cluster: working-dir staging, runtime env, entrypoint, CLI wiring."""
+"""`pgbatch submit` / `pgbatch status`: staging, runtime env, entrypoint and CLI wiring, then for real against a
+Ray head started here (`ray start --head` on loopback with its dashboard): a tiny job runs through the Job
+Submission API and its Parquet appears; a job that fails on the cluster is reported as failed."""
 import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -22,7 +33,7 @@ def job_dir(tmp_path):
       "input": {"uri": "shards/*.tar"},
       "model": {"variant": "tiny-pg2", "checkpoint": "gs://bucket/ckpt.npz", "tokenizer": "./assets/tok.model"},
       "output": {"uri": "/abs/out"},
-      "tasks": [{"kind": "caption", "prompt": "caption en"}],
+      "tasks": [{"name": "caption_en", "kind": "caption", "lang": "en"}],
   }
   (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
   return tmp_path
@@ -38,7 +49,7 @@ def test_stage_copies_only_referenced_files(job_dir, tmp_path_factory):
   assert (dest / staged["model"]["tokenizer"]).read_bytes() == b"sp"
   # URLs, absolute paths and plain words are untouched; unreferenced files stay home.
   assert staged["model"]["checkpoint"] == "gs://bucket/ckpt.npz"
-  assert staged["output"]["uri"] == "/abs/out" and staged["tasks"][0]["prompt"] == "caption en"
+  assert staged["output"]["uri"] == "/abs/out" and staged["tasks"][0]["name"] == "caption_en"
   assert not list(dest.rglob("unrelated.bin"))
 
 
@@ -76,11 +87,16 @@ def test_entrypoint_quotes_overrides():
   assert ep == "JAX_PLATFORMS=cpu python -m pgbatch.cli run job.yaml --set resources.actors=2 --set 'name=a b'"
 
 
-def test_validate_rejects_non_mapping(tmp_path):
+def test_validate_rejects_bad_specs_before_upload(job_dir, tmp_path):
   bad = tmp_path / "bad.yaml"
   bad.write_text("- just\n- a list\n")
   with pytest.raises(ValueError, match="mapping"):
     submit.validate_locally(str(bad))
+  submit.validate_locally(str(job_dir / "job.yaml"))
+  with pytest.raises(ValueError, match="resources.accelerator"):
+    submit.validate_locally(str(job_dir / "job.yaml"), ["resources.accelerator=fpga"])
+  with pytest.raises(ValueError, match="invalid job spec"):  # nothing reaches the (unreachable) head
+    submit.submit(str(job_dir / "job.yaml"), "http://127.0.0.1:9", ["tasks[0].kind=poem"], env_mode="image")
 
 
 def _parser(name):
@@ -98,8 +114,125 @@ def test_cli_parses_submit_and_status():
   assert args.job_id == "raysubmit_1" and args.wait and callable(submit.main_status)
 
 
-def test_submit_reports_unreachable_head(tmp_path, capsys):
-  job = tmp_path / "job.yaml"
-  job.write_text("name: x\n")
+def test_submit_reports_unreachable_head(job_dir):
   with pytest.raises(ConnectionError):
-    submit.submit(str(job), "http://127.0.0.1:9", env_mode="image")
+    submit.submit(str(job_dir / "job.yaml"), "http://127.0.0.1:9", env_mode="image")
+
+
+# --- against a real Ray head -------------------------------------------------------------------------------
+
+
+def _free_ports(n: int) -> list[int]:
+  socks = [socket.socket() for _ in range(n)]
+  for s in socks:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in socks]
+  for s in socks:
+    s.close()
+  return ports
+
+
+def _env() -> dict:
+  env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+  env.pop("RAY_ADDRESS", None)
+  return env
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+  """`ray start --head --block` in its own process group; yields the dashboard address."""
+  gcs, dashboard, client, agent, metrics, runtime_env = _free_ports(6)
+  temp = tempfile.mkdtemp(prefix="pgbrh", dir="/tmp")  # short: Ray's socket paths live under it
+  ray_cli = Path(sys.executable).with_name("ray")
+  cmd = [str(ray_cli) if ray_cli.exists() else "ray", "start", "--head", "--block",
+         "--node-ip-address=127.0.0.1", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={runtime_env}", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"]
+  log = open(os.path.join(temp, "head.log"), "w")
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+  address = f"http://127.0.0.1:{dashboard}"
+  try:
+    deadline = time.monotonic() + 90
+    while True:
+      assert proc.poll() is None, f"ray start exited: {open(os.path.join(temp, 'head.log')).read()[-3000:]}"
+      try:
+        with urllib.request.urlopen(f"{address}/api/jobs/", timeout=2) as r:
+          if r.status == 200:
+            break
+      except OSError:
+        pass
+      assert time.monotonic() < deadline, "the Ray head's Job Submission API did not come up in 90 s"
+      time.sleep(0.5)
+    yield address
+  finally:
+    os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM ...
+    try:
+      proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+      pass
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)  # ... and whatever is left of the group goes now
+    except ProcessLookupError:
+      pass
+    proc.wait(timeout=30)
+    log.close()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _pgbatch(*args, check=True, timeout=300) -> subprocess.CompletedProcess:
+  out = subprocess.run([sys.executable, "-m", "pgbatch.cli", *args], capture_output=True, text=True,
+                       env=_env(), timeout=timeout)
+  if check:
+    assert out.returncode == 0, f"pgbatch {' '.join(args)}: rc {out.returncode}\n{out.stdout}\n{out.stderr}"
+  return out
+
+
+@pytest.fixture(scope="module")
+def tiny_job(tmp_path_factory):
+  """A job dir: shards/ (3 images: two photos, one broken JPEG) referenced relatively, so submit stages it."""
+  from pgbatch import demo
+  root = tmp_path_factory.mktemp("submitjob")
+  job = demo.prepare(root / "assets", shards=1, log=lambda m: None)
+  rows = demo.samples()
+  demo.write_shards(root / "shards", [rows[0], rows[1], rows[-1]], shards=1, prefix="tiny")
+  spec = yaml.safe_load(job.read_text())
+  spec.update(name="submitted", input={"uri": "shards/*.tar", "format": "webdataset"},
+              output={"uri": str(root / "output") + "/"},
+              tasks=[{"name": "caption_en", "kind": "caption", "lang": "en", "max_new_tokens": 4}],
+              resources={"accelerator": "cpu", "actors": 1, "batch_size": 4})
+  (root / "job.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+  return root
+
+
+def test_submit_runs_job_and_parquet_appears(ray_head, tiny_job):
+  import pyarrow.parquet as pq
+  out = _pgbatch("submit", str(tiny_job / "job.yaml"), "--address", ray_head, "--env", "local",
+                 "--submission-id", "pgbatch-test-ok")
+  job_id = out.stdout.strip().splitlines()[-1]
+  assert job_id == "pgbatch-test-ok"
+  status = _pgbatch("status", job_id, "--address", ray_head, "--wait", check=False)
+  logs = _pgbatch("status", job_id, "--address", ray_head, "--logs").stdout
+  assert status.returncode == 0 and status.stdout.startswith(f"{job_id}\tSUCCEEDED"), status.stdout + logs
+  assert "3 images (ok 2, error 1" in logs  # `pgbatch run`'s summary line, from the cluster
+  files = sorted((tiny_job / "output").glob("*.parquet"))
+  assert len(files) == 1 and (tiny_job / "output" / "_manifest").exists()
+  table = pq.read_table(str(files[0]))
+  assert table.num_rows == 3
+  assert sorted(table.column("status").to_pylist()) == ["error", "ok", "ok"]
+  assert table.column("shard").to_pylist()[0].endswith("tiny-00000.tar")
+
+
+def test_failed_job_is_reported(ray_head, tmp_path):
+  """The default `--env pip` (wheel + pinned deps); the spec is fine here, but its input is not on the cluster."""
+  job = tmp_path / "job.yaml"
+  spec = {"name": "no-input", "input": {"uri": "missing/*.tar"}, "output": {"uri": str(tmp_path / "out")},
+          "model": {"checkpoint": "gs://b/ckpt.npz", "tokenizer": "gs://b/tok.model", "variant": "tiny-pg2"},
+          "tasks": [{"name": "caption_en", "kind": "caption", "lang": "en"}]}
+  job.write_text(yaml.safe_dump(spec))
+  job_id = _pgbatch("submit", str(job), "--address", ray_head).stdout.strip().splitlines()[-1]
+  status = _pgbatch("status", job_id, "--address", ray_head, "--wait", check=False)
+  logs = _pgbatch("status", job_id, "--address", ray_head, "--logs", check=False).stdout
+  assert status.returncode == 1 and f"{job_id}\tFAILED" in status.stdout, status.stdout + status.stderr + logs
+  assert "no input to process" in logs  # pgbatch (installed from the shipped wheel) ran and said why
+  assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
