@@ -407,10 +407,23 @@ class SafetyPost:
         self.filter.get(name)
       except Exception:  # noqa: BLE001 - PostFilter turns a filter that cannot load into error rows
         log.exception("safety filter %s failed to load", name)
+    # identity (name, version, model digest) of every enabled filter, image and text: provenance.safety_filters
+    self.filters_info = self.filter.provenance_filters()
+
+  def with_filters(self, table: pa.Table) -> pa.Table:
+    """provenance.safety_filters filled in (the Annotator leaves it empty)."""
+    i = table.schema.get_field_index("provenance")
+    if i < 0:
+      return table
+    rows = table.column(i).to_pylist()
+    for r in rows:
+      if r is not None:
+        r["safety_filters"] = self.filters_info
+    return table.set_column(i, _field("provenance"), pa.array(rows, schema.PROVENANCE_TYPE))
 
   def __call__(self, table: pa.Table) -> pa.Table:
     try:
-      return self.filter(table)
+      return self.with_filters(self.filter(table))
     except Exception as e:  # noqa: BLE001 - PostFilter isolates filter failures; this is a last resort
       log.exception("text safety stage failed")
       n = table.num_rows
@@ -428,7 +441,8 @@ class SafetyPost:
       table = table.set_column(table.schema.get_field_index("error"), _field("error"),
                                pa.array(errors, schema.ERROR_TYPE))
       from pgbatch.safety.stages import PRE_COLUMN
-      return table.drop_columns([PRE_COLUMN]) if PRE_COLUMN in table.column_names else table
+      table = table.drop_columns([PRE_COLUMN]) if PRE_COLUMN in table.column_names else table
+      return self.with_filters(table)
 
 
 # --- driver ------------------------------------------------------------------------------------------------
@@ -525,12 +539,14 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
     summary.seconds = time.monotonic() - start
     return summary
   info = plan_info(spec)
-  post = spec.post_filter()
   provenance = {"model_variant": info["model_variant"], "checkpoint_uri": spec.model.checkpoint,
                 "checkpoint_digest": info["checkpoint_digest"], "tokenizer_digest": None,
                 "pgbatch_version": pgbatch.__version__, "job_id": f"{spec.name}/{run_id}",
-                "started_at": started_at.isoformat(), "safety_filters": post.provenance_filters()}
+                "started_at": started_at.isoformat(), "safety_filters": []}  # filled by SafetyPost
+  log.info("%d shard(s) to do, %d already committed; model %s", len(todo), summary.shards_skipped,
+           info["model_variant"])
   ensure_ray()
+  log.info("ray ready after %.1f s", time.monotonic() - start)
   import ray
   ctx = ray.data.DataContext.get_current()
   ctx.enable_progress_bars = False
@@ -570,6 +586,7 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
           summary.shards_committed += 1
           summary.files.append(uri)
           bar.update(shards=1, done_images=len(st))
+          log.info("committed %s (%d rows) at %.1f s", uri, len(st), time.monotonic() - start)
   except Exception as e:  # noqa: BLE001 - committed shards stay; the rest is redone by a rerun
     log.exception("pipeline failed")
     summary.failure = f"{type(e).__name__}: {e}"

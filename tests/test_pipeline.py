@@ -1,0 +1,156 @@
+"""End to end on a local Ray: WebDataset shards in a loopback GCS emulator → typed Parquet in the emulator,
+read back and checked row by row against the input keys. Plus the driver pieces that need no Ray."""
+import hashlib
+import io
+import io as _io  # noqa: F811
+import json
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pgbatch import cli, config, demo, pipeline, schema
+from tests import pipeline_helpers as H
+
+TASKS = [
+    {"name": "caption_en", "kind": "caption", "lang": "en", "max_new_tokens": 8},
+    {"name": "objects", "kind": "detect", "classes": ["person", "cat"], "max_new_tokens": 8},
+    {"name": "text", "kind": "ocr", "max_new_tokens": 8},
+]
+
+
+@pytest.fixture(scope="module")
+def e2e(gcs, tmp_path_factory):
+  """Runs the job once (shards and output in the emulator, model on local disk); yields what the tests read."""
+  fs, bucket = gcs
+  tmp = tmp_path_factory.mktemp("e2e")
+  ckpt, tok = H.tiny_model(tmp / "model")
+  photos = demo.samples()
+  rows = [s for s in photos if s[0] != demo.BROKEN_KEY][:7] + [s for s in photos if s[0] == demo.BROKEN_KEY]
+  local = demo.write_shards(tmp / "shards", rows, shards=2, prefix="photos")
+  for p in local:
+    fs.put(p, f"{bucket}/e2e/shards/{p.rsplit('/', 1)[-1]}")
+  inputs = {}  # shard uri -> {key: (bytes, ext)}
+  for i, row in enumerate(rows):
+    uri = f"gs://{bucket}/e2e/shards/photos-{i * 2 // len(rows):05d}.tar"
+    inputs.setdefault(uri, {})[row[0]] = (row[1], row[2])
+  spec = config.from_dict(H.job("e2e", f"gs://{bucket}/e2e/shards/*.tar", f"gs://{bucket}/e2e/out/", ckpt, tok,
+                                tasks=TASKS), environ={})
+  with H.local_ray():
+    summary = pipeline.run(spec, progress=False)
+    rerun = pipeline.run(spec, progress=False)   # everything committed: nothing to do, no Ray work
+  entries, tables = H.read_output(spec.output.uri, fs)
+  yield dict(fs=fs, bucket=bucket, spec=spec, summary=summary, rerun=rerun, entries=entries, tables=tables,
+             inputs=inputs)
+
+
+def test_every_input_key_exactly_once_per_shard(e2e):
+  assert e2e["summary"].success, e2e["summary"].failure
+  by_shard = {}
+  for t in e2e["tables"].values():
+    for key, shard in zip(t.column("key").to_pylist(), t.column("shard").to_pylist()):
+      by_shard.setdefault(shard, []).append(key)
+  assert set(by_shard) == set(e2e["inputs"])
+  for shard, keys in by_shard.items():
+    assert sorted(keys) == sorted(e2e["inputs"][shard]), shard
+    assert len(keys) == len(set(keys))
+  n = sum(len(v) for v in e2e["inputs"].values())
+  s = e2e["summary"]
+  assert (s.images, s.ok, s.error, s.filtered) == (n, n - 1, 1, 0)
+  assert s.shards_total == s.shards_committed == 2 and not s.shards_failed
+  assert [e["name"] for e in e2e["entries"]] == sorted(e2e["tables"])
+
+
+def test_output_files_are_typed_and_rows_match_their_images(e2e):
+  spec = e2e["spec"]
+  want = spec.output_schema()
+  for name, t in e2e["tables"].items():
+    assert t.schema.names == want.names
+    for f in want:
+      assert t.schema.field(f.name).type == f.type, f.name
+    assert (t.schema.metadata or {}).get(schema.META_VERSION) == schema.SCHEMA_VERSION.encode()
+    assert t.column("key").to_pylist() == sorted(t.column("key").to_pylist()), "rows sorted by key"
+    for row in t.to_pylist():
+      data, ext = e2e["inputs"][row["shard"]][row["key"]]
+      assert row["source_uri"] == f"{row['shard']}#{row['key']}.{ext}"
+      assert row["sha256"] == hashlib.sha256(data).hexdigest()
+      prov = row["provenance"]
+      assert prov["model_variant"] == "tiny-pg2" and prov["checkpoint_uri"] == spec.model.checkpoint
+      assert len(prov["checkpoint_digest"]) == 64 and len(prov["tokenizer_digest"]) == 64
+      assert prov["job_id"].startswith("e2e/") and prov["started_at"] is not None
+      assert {f["name"] for f in prov["safety_filters"]} == {"toxicity", "wordlist", "pii", "nsfw"}
+      assert row["safety"] is not None and row["safety"]["policy_digest"] == spec.safety.digest()
+      if row["key"] == demo.BROKEN_KEY:
+        assert row["status"] == "error" and row["error"]["stage"] == "decode", row["error"]
+        assert row["error"]["type"] and row["error"]["message"]
+        assert row["caption_en"] is None and row["objects"] is None and row["text"] is None
+        continue
+      assert row["status"] == "ok" and row["error"] is None, row["error"]
+      w, h = Image.open(io.BytesIO(data)).size
+      assert (row["width"], row["height"]) == (w, h)
+      cap = row["caption_en"]
+      assert cap["prompt"] == "caption en" and 1 <= cap["num_tokens"] <= 8 and isinstance(cap["text"], str)
+      assert cap["truncated"] or cap["num_tokens"] < 8   # 8 tokens without EOS is a truncation
+      assert row["objects"]["prompt"] == "detect person ; cat" and isinstance(row["objects"]["objects"], list)
+      assert row["text"]["prompt"] == "ocr"
+
+
+def test_manifest_entries_count_what_the_files_hold(e2e):
+  for e in e2e["entries"]:
+    t = e2e["tables"][e["name"]]
+    st = t.column("status").to_pylist()
+    assert (e["rows"], e["ok"], e["error"], e["filtered"]) == (t.num_rows, st.count("ok"), st.count("error"),
+                                                               st.count("filtered"))
+    assert e["job"] == "e2e" and e["run_id"] == e2e["summary"].run_id and e["seconds"] >= 0
+    assert e["file"] == f"gs://{e2e['bucket']}/e2e/out/{e['name']}"
+  assert e2e["fs"].ls(f"{e2e['bucket']}/e2e/out/_manifest")
+
+
+def test_rerun_skips_committed_shards(e2e):
+  r = e2e["rerun"]
+  assert r.success and r.images == 0 and r.shards_skipped == 2 and r.shards_committed == 0
+
+
+def test_inspect_reports_the_output(e2e, capsys):
+  assert cli.main(["inspect", e2e["spec"].output.uri]) == 0
+  out = capsys.readouterr().out
+  assert "status:  ok 7  error 1  filtered 0" in out and "decode/" in out
+  assert "caption_en (caption), objects (detect), text (ocr)" in out
+
+
+def test_run_with_no_matching_shards_fails_clearly(tmp_path, capsys):
+  spec = H.job("nothing", str(tmp_path / "none" / "*.tar"), str(tmp_path / "out"), "/m.npz", "/t.model")
+  (tmp_path / "job.yaml").write_text(json.dumps(spec))
+  assert cli.main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert "no input" in err and str(tmp_path / "none") in err
+  assert not (tmp_path / "out").exists()
+
+
+def test_progress_line_shows_rate_and_eta():
+  class Tty(_io.StringIO):
+    def isatty(self):
+      return True
+  out = Tty()
+  p = pipeline.Progress(shards=4, stream=out)
+  p.update(images=10)
+  p.update(shards=1, done_images=10)
+  p.close()
+  text = out.getvalue()
+  assert "1/4 shards" in text and "10 images" in text and "img/s" in text and "ETA 0:" in text
+  quiet = _io.StringIO()
+  q = pipeline.Progress(shards=4, stream=quiet, enabled=False)
+  q.update(images=3, shards=1, done_images=3)
+  q.close()
+  assert quiet.getvalue() == ""
+
+
+def test_summary_line():
+  s = pipeline.Summary(job="j", run_id="r", output_uri="gs://b/o/", shards_total=3, shards_skipped=1,
+                       shards_committed=2, images=10, ok=8, error=1, filtered=1, seconds=5.0)
+  assert s.success
+  assert s.line() == ("pgbatch: j: 10 images (ok 8, error 1, filtered 1) in 2/3 shards, 1 already done, 5.0 s, "
+                      "2.00 images/s → gs://b/o/")
+  s.shards_failed = ["x"]
+  assert not s.success and "1 FAILED" in s.line()
+  assert pa is not None
