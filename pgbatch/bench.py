@@ -7,6 +7,7 @@ A fixed number of new tokens is generated (EOS ignored), as in the transformers 
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -183,10 +184,20 @@ def register_bench(parser) -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--pipeline", action="store_true", help="time the whole Ray pipeline instead")
   parser.add_argument("--images", type=int, default=256, help="--pipeline: images to annotate")
-  parser.add_argument("--workdir", default=None, help="--pipeline: where shards and output go")
+  parser.add_argument("--workdir", default=None, help="--pipeline: where shards and output go; --load: where the "
+                      "random checkpoint is written (kept and reused), default a temporary directory")
+  parser.add_argument("--load", nargs="?", const="", default=None, metavar="URI",
+                      help="time loading a checkpoint (any fsspec URL) onto the device(s): seconds, MB/s, peak host "
+                      "RSS; without URI a random checkpoint of --load-gb is written first")
+  parser.add_argument("--load-gb", type=float, default=2.0, help="--load: size of the random checkpoint (GB)")
+  parser.add_argument("--load-format", choices=("npz", "hf"), default="npz",
+                      help="--load: format of the random checkpoint (big_vision .npz or HF safetensors)")
+  parser.add_argument("--stored-dtype", default="bfloat16", help="--load: dtype of the random checkpoint's tensors")
 
 
 def main_bench(args) -> int:
+  if args.load is not None:
+    return main_load(args)
   if args.pipeline:
     print(json.dumps(bench_pipeline(args.variant, args.images, int(args.batch.split(",")[-1]), args.workdir,
                                     args.dtype, args.new_tokens, args.repeats)))
@@ -199,6 +210,167 @@ def main_bench(args) -> int:
   for batch in (int(b) for b in args.batch.split(",")):
     batch = max(batch, model.data_parallelism)
     print(json.dumps(bench_engine(model, batch, args.new_tokens, prompt, args.repeats, peak)), flush=True)
+  return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `pgbatch bench --load`: checkpoint loading speed and host memory.
+
+
+def synthetic_config(target_bytes: float, itemsize: int) -> PaliGemmaConfig:
+  """A PaliGemma-shaped config of about `target_bytes` (real 257152-row vocabulary; So400m vision and a
+  gemma_2b-wide decoder from 0.75B parameters on, narrower below), with as many decoder layers as fit."""
+  big = target_bytes / itemsize >= 0.75e9
+  vision = configs.VisionConfig() if big else configs.VisionConfig(width=256, depth=4, mlp_dim=1024, num_heads=4)
+  width = 2048 if big else max(64, min(2048, int(target_bytes / 2 / (configs.VOCAB_SIZE * itemsize)) // 64 * 64))
+  heads = max(1, width // 256)
+  text = lambda depth: configs.TextConfig(width=width, depth=depth, mlp_dim=8 * width, num_heads=heads,
+                                          num_kv_heads=1, head_dim=256, query_scale=256 ** -0.5)
+  cfg = lambda depth: configs.PaliGemmaConfig(f"synthetic-{target_bytes / 1e9:g}gb", vision, text(depth), 224)
+  fixed = configs.num_params(cfg(0)) * itemsize
+  per_layer = configs.num_params(cfg(1)) * itemsize - fixed
+  return cfg(max(1, round((target_bytes - fixed) / per_layer)))
+
+
+def _random_tensors(cfg: PaliGemmaConfig, dtype, seed: int = 0):
+  """(name, array) one at a time: never the whole model in memory."""
+  rng = np.random.default_rng(seed)
+  for name, shape in configs.param_shapes(cfg).items():
+    yield name, (rng.random(shape, dtype=np.float32) - 0.5).astype(dtype)
+
+
+def write_random_checkpoint(uri: str, cfg: PaliGemmaConfig, fmt: str = "npz", dtype="bfloat16") -> None:
+  """Random weights for `cfg` written tensor by tensor as a big_vision .npz or a HF directory."""
+  from pgbatch import checkpoints
+  dtype = np.dtype(jnp.dtype(dtype))
+  if fmt == "npz":
+    checkpoints._write_npz_stream(_random_tensors(cfg, dtype), uri)  # pylint: disable=protected-access
+  else:
+    shapes = {k: (s, dtype) for k, s in configs.param_shapes(cfg).items()}
+    checkpoints._write_hf_stream(_random_tensors(cfg, dtype), shapes, cfg, uri,  # pylint: disable=protected-access
+                                 max_shard_bytes=2 << 30)
+
+
+class _RssPeak:
+  """Peak resident set size of this process while the block runs: VmHWM after resetting it (Linux), else
+  sampled every millisecond from /proc/self/statm, else getrusage (lifetime peak)."""
+
+  def __enter__(self):
+    import threading
+    self.before = _rss()
+    self.method = "VmHWM"
+    try:
+      with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    except OSError:
+      self.method = "sampled" if self.before else "ru_maxrss"
+    self.sampled = self.before
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._sample, daemon=True)
+    self._thread.start()
+    return self
+
+  def _sample(self):
+    while not self._stop.wait(0.001):
+      self.sampled = max(self.sampled, _rss())
+
+  def __exit__(self, *_):
+    self._stop.set()
+    self._thread.join()
+    self.after = _rss()
+    if self.method == "VmHWM":
+      self.peak = max(_status_kb("VmHWM") * 1024, self.sampled)
+    elif self.method == "sampled":
+      self.peak = self.sampled
+    else:
+      self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _status_kb(field: str) -> int:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return 0
+
+
+def _rss() -> int:
+  return _status_kb("VmRSS") * 1024
+
+
+def bench_load(uri: str, dtype: str = "bfloat16", mesh=None, fixed_overhead: int = 256 << 20) -> dict:
+  """Loads `uri` onto the device(s) (`pgbatch.model.load`) and reports time, throughput and host memory.
+
+  `host_transient_bytes` is the peak RSS during the load minus the RSS before, minus what stays resident
+  (on CPU the placed parameters live in host memory). Streaming keeps it within the largest tensor (in the
+  target dtype) plus a fixed overhead (`fixed_overhead`: read chunks, fsspec blocks, allocator slack).
+  """
+  import gc
+
+  import pgbatch.model
+  from pgbatch import checkpoints
+  gc.collect()
+  t0 = time.perf_counter()
+  with checkpoints.open_checkpoint(uri) as ck:
+    open_s = time.perf_counter() - t0
+    shapes = ck.names_and_shapes()
+    files = sum(size for _, size in ck.info.files)
+    fmt, stored = ck.info.format, sorted({str(d) for _, d in shapes.values()})
+  target = np.dtype(jnp.dtype(dtype))
+  largest = max(math.prod(s) for s, _ in shapes.values())
+  with _RssPeak() as rss:
+    t0 = time.perf_counter()
+    model = pgbatch.model.load(uri, dtype=dtype, mesh=mesh)
+    jax.block_until_ready(model.params)
+    seconds = time.perf_counter() - t0
+  leaves = jax.tree_util.tree_leaves(model.params)
+  placed = sum(x.nbytes for x in leaves)
+  resident = max(rss.after - rss.before, 0)
+  transient = rss.peak - rss.before - resident
+  bound = largest * target.itemsize + fixed_overhead
+  return dict(mode="load", uri=uri, format=fmt, variant=model.config.name, stored_dtype=",".join(stored),
+              dtype=str(target), tensors=len(leaves), file_bytes=files, params_bytes=placed,
+              largest_tensor_bytes=largest * target.itemsize, open_seconds=round(open_s, 3),
+              load_seconds=round(seconds, 3), mb_per_s=round(files / 1e6 / seconds, 1),
+              rss_before_bytes=rss.before, peak_rss_bytes=rss.peak, rss_after_bytes=rss.after,
+              host_transient_bytes=transient, transient_bound_bytes=bound, within_bound=bool(transient <= bound),
+              rss_method=rss.method, digest=model.info.digest, device=jax.devices()[0].device_kind,
+              num_devices=jax.device_count(), mesh=dict(mesh.shape) if mesh is not None else None)
+
+
+def main_load(args) -> int:
+  import pathlib
+  import shutil
+  import tempfile
+
+  from pgbatch import checkpoints
+  mesh = make_mesh(*map(int, args.mesh.lower().split("x"))) if args.mesh else None
+  uri, tmp = args.load, None
+  if not uri:
+    stored = np.dtype(jnp.dtype(args.stored_dtype))
+    cfg = synthetic_config(args.load_gb * 1e9, stored.itemsize)
+    root = pathlib.Path(args.workdir) if args.workdir else pathlib.Path(tempfile.mkdtemp(prefix="pgbatch-load-"))
+    tmp = None if args.workdir else root
+    name = f"{cfg.name}-{stored}" + (".npz" if args.load_format == "npz" else "-hf")
+    uri = str(root / name)
+    if not (root / name).exists():
+      root.mkdir(parents=True, exist_ok=True)
+      t0 = time.perf_counter()
+      write_random_checkpoint(uri, cfg, args.load_format, stored)
+      print(f"wrote {uri} ({configs.num_params(cfg) * stored.itemsize / 1e9:.2f} GB) in "
+            f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+  try:
+    for _ in range(max(1, args.repeats)):
+      print(json.dumps(bench_load(uri, args.dtype, mesh)), flush=True)
+  except checkpoints.CheckpointError as e:
+    print(f"pgbatch bench: {e}", file=sys.stderr)
+    return 1
+  finally:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
   return 0
 
 

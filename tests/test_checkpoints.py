@@ -604,3 +604,21 @@ def test_model_and_tokenizer_from_gcs(gcs, gcs_ckpts, tokenizer_path, batch, ref
   nxt = int(np.argmax(logits[0, len(prompt) - 1]))
   assert 0 <= nxt < T.VOCAB_SIZE and isinstance(tok.decode([nxt]), str)
   assert np.array_equal(logits[1:], reference[np.dtype(np.float32)][1:])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `pgbatch bench --load`.
+
+
+def test_bench_load_reports_speed_and_memory(tmp_path, capsys):
+  assert main(["bench", "--load", "--load-gb", "0.1", "--stored-dtype", "float32", "--dtype", "bfloat16",
+               "--repeats", "1", "--workdir", str(tmp_path)]) == 0
+  row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  written = list(tmp_path.iterdir())
+  assert len(written) == 1 and row["uri"] == str(written[0]) and row["format"] == C.FORMAT_NPZ
+  assert 0.09e9 < row["file_bytes"] < 0.11e9 and row["params_bytes"] * 2 == pytest.approx(row["file_bytes"], 1e-3)
+  assert row["stored_dtype"] == "float32" and row["dtype"] == "bfloat16" and row["tensors"] == 32
+  assert row["load_seconds"] > 0 and row["mb_per_s"] > 0 and row["peak_rss_bytes"] >= row["rss_before_bytes"]
+  assert row["within_bound"], row
+  assert main(["bench", "--load", str(tmp_path / "nope.npz")]) == 1
+  assert f"pgbatch bench: checkpoint not found: {tmp_path}/nope.npz" in capsys.readouterr().err
