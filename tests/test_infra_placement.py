@@ -1,9 +1,5 @@
-"""`pgbatch.placement`: resources → Ray args, mesh shapes, fatal errors, init retries; then, on a real local
-Ray, that an actor hit by a fatal device error is replaced (the job completes) and that actors which cannot be
-placed fail the job within `wait_for_actors_s` instead of hanging it."""
-import os
-import time
-
+"""Unit tests of `pgbatch.placement`: resources → Ray args, mesh shapes, fatal errors, init retries.
+(On a real Ray cluster: tests/test_infra_cluster.py.)"""
 import pytest
 
 from pgbatch import placement
@@ -141,61 +137,3 @@ def test_tpu_slice_helpers():
   assert placement.tpu_chips_per_host(None) == 8
   assert placement.tpu_chips_per_host("2x4", "v5litepod") == 8
   assert placement.tpu_chips_per_host("4x4", "v5litepod") == 4  # 4 hosts x 4 chips
-
-
-# --- on a real local Ray ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-  os.environ["RAY_AUTH_MODE"] = "disabled"
-  import sys
-  import ray
-  from ray import cloudpickle
-  cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-  ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-  yield ray
-  ray.shutdown()
-
-
-class CrashOnce:
-  """An annotate-like actor whose first batch hits a TPU failure: the first process to see it exits."""
-
-  def __init__(self, marker: str):
-    self.marker = marker
-
-  def __call__(self, batch):
-    try:
-      if not os.path.exists(self.marker):
-        with open(self.marker, "w") as f:
-          f.write(str(os.getpid()))
-        raise RuntimeError("UNAVAILABLE: TPU halted")
-      batch["pid"] = [os.getpid()] * len(batch["id"])
-      return batch
-    except Exception as e:
-      placement.exit_if_fatal(e)
-      raise
-
-
-def test_fatal_error_actor_is_replaced(local_ray, tmp_path):
-  import ray.data
-  res = {"accelerator": "cpu", "actors": 1, "no_progress_timeout_s": 120, "wait_for_actors_s": 60}
-  placement.configure_data_context(ray.data.DataContext.get_current(), res)
-  marker = str(tmp_path / "crashed")
-  rows = ray.data.range(16, override_num_blocks=4).map_batches(
-      CrashOnce, fn_constructor_args=(marker,), batch_size=4, **placement.annotate_ray_args(res)).take_all()
-  assert sorted(r["id"] for r in rows) == list(range(16))  # every row, the crashed batch retried
-  crashed_pid = int(open(marker).read())
-  assert crashed_pid not in {r["pid"] for r in rows}        # ... by a new actor process
-
-
-def test_unplaceable_actors_fail_instead_of_hanging(local_ray, tmp_path):
-  import ray.data
-  from ray.exceptions import GetTimeoutError
-  res = {"accelerator": "tpu", "chips_per_actor": 8, "wait_for_actors_s": 3}   # this node has no TPU
-  placement.configure_data_context(ray.data.DataContext.get_current(), res)
-  t0 = time.monotonic()
-  with pytest.raises(GetTimeoutError, match="starting actors"):
-    ray.data.range(4).map_batches(CrashOnce, fn_constructor_args=(str(tmp_path / "m"),), batch_size=4,
-                                  **placement.annotate_ray_args(res)).take_all()
-  assert time.monotonic() - t0 < 60

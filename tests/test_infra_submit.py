@@ -132,15 +132,18 @@ def _free_ports(n: int) -> list[int]:
   return ports
 
 
-def _env() -> dict:
-  env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+def _env(**extra) -> dict:
+  env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", **extra)
   env.pop("RAY_ADDRESS", None)
   return env
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-  """`ray start --head --block` in its own process group; yields the dashboard address."""
+def ray_head(tmp_path_factory):
+  """`ray start --head --block` in its own process group; yields the dashboard address.
+
+  Its workers share a JAX compilation cache with tests/test_infra_cluster.py (same tiny job shapes)."""
+  jax_cache = tmp_path_factory.getbasetemp() / "pgbatch-jax-cache"
   gcs, dashboard, client, agent, metrics, runtime_env = _free_ports(6)
   temp = tempfile.mkdtemp(prefix="pgbrh", dir="/tmp")  # short: Ray's socket paths live under it
   ray_cli = Path(sys.executable).with_name("ray")
@@ -150,7 +153,8 @@ def ray_head():
          f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
          f"--runtime-env-agent-port={runtime_env}", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"]
   log = open(os.path.join(temp, "head.log"), "w")
-  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+  env = _env(JAX_COMPILATION_CACHE_DIR=str(jax_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
   address = f"http://127.0.0.1:{dashboard}"
   try:
     deadline = time.monotonic() + 90
@@ -200,21 +204,25 @@ def tiny_job(tmp_path_factory):
   spec.update(name="submitted", input={"uri": "shards/*.tar", "format": "webdataset"},
               output={"uri": str(root / "output") + "/"},
               tasks=[{"name": "caption_en", "kind": "caption", "lang": "en", "max_new_tokens": 4}],
-              resources={"accelerator": "cpu", "actors": 1, "batch_size": 4})
+              resources={"accelerator": "cpu", "actors": 1, "batch_size": 4},
+              safety={"pii": {"enabled": False}, "toxicity": {"enabled": False}})  # no presidio start-up
   (root / "job.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
   return root
 
 
 def test_submit_runs_job_and_parquet_appears(ray_head, tiny_job):
   import pyarrow.parquet as pq
-  out = _pgbatch("submit", str(tiny_job / "job.yaml"), "--address", ray_head, "--env", "local",
-                 "--submission-id", "pgbatch-test-ok")
+  # The default --env pip: the pgbatch wheel built here + dependencies pinned to this install, in a virtualenv.
+  out = _pgbatch("submit", str(tiny_job / "job.yaml"), "--address", ray_head, "--submission-id", "pgbatch-test-ok")
   job_id = out.stdout.strip().splitlines()[-1]
   assert job_id == "pgbatch-test-ok"
   status = _pgbatch("status", job_id, "--address", ray_head, "--wait", check=False)
   logs = _pgbatch("status", job_id, "--address", ray_head, "--logs").stdout
   assert status.returncode == 0 and status.stdout.startswith(f"{job_id}\tSUCCEEDED"), status.stdout + logs
   assert "3 images (ok 2, error 1" in logs  # `pgbatch run`'s summary line, from the cluster
+  # Ray built that env before starting the entrypoint (a failed env fails the job): wheel + pins.
+  env = submit.client(ray_head).get_job_info(job_id).runtime_env
+  assert env["pip"]["packages"][-1].endswith(".whl") and "jax==" + __import__("jax").__version__ in env["pip"]["packages"]
   files = sorted((tiny_job / "output").glob("*.parquet"))
   assert len(files) == 1 and (tiny_job / "output" / "_manifest").exists()
   table = pq.read_table(str(files[0]))
@@ -224,15 +232,15 @@ def test_submit_runs_job_and_parquet_appears(ray_head, tiny_job):
 
 
 def test_failed_job_is_reported(ray_head, tmp_path):
-  """The default `--env pip` (wheel + pinned deps); the spec is fine here, but its input is not on the cluster."""
+  """`--env local` (this source folder); the spec is fine here, but its input is not on the cluster."""
   job = tmp_path / "job.yaml"
   spec = {"name": "no-input", "input": {"uri": "missing/*.tar"}, "output": {"uri": str(tmp_path / "out")},
           "model": {"checkpoint": "gs://b/ckpt.npz", "tokenizer": "gs://b/tok.model", "variant": "tiny-pg2"},
           "tasks": [{"name": "caption_en", "kind": "caption", "lang": "en"}]}
   job.write_text(yaml.safe_dump(spec))
-  job_id = _pgbatch("submit", str(job), "--address", ray_head).stdout.strip().splitlines()[-1]
+  job_id = _pgbatch("submit", str(job), "--address", ray_head, "--env", "local").stdout.strip().splitlines()[-1]
   status = _pgbatch("status", job_id, "--address", ray_head, "--wait", check=False)
   logs = _pgbatch("status", job_id, "--address", ray_head, "--logs", check=False).stdout
   assert status.returncode == 1 and f"{job_id}\tFAILED" in status.stdout, status.stdout + status.stderr + logs
-  assert "no input to process" in logs  # pgbatch (installed from the shipped wheel) ran and said why
+  assert "no input to process" in logs  # pgbatch ran on the cluster and said why
   assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
