@@ -87,6 +87,20 @@ def annotate_env(resources: Any) -> dict:
   return {"env_vars": env}
 
 
+def chips_per_actor(resources: Any) -> int:
+  """Accelerators each annotate actor holds. On TPU with a `topology` (e.g. "2x4", "4x4"), a whole host:
+  the topology's chips per host (8 on a single-host v5e 2x4, 4 on each host of a multi-host slice);
+  `chips_per_actor` may then be left at 1 or must equal that."""
+  chips = int(field(resources, "chips_per_actor"))
+  topology = field(resources, "topology")
+  if accelerator(resources) != "tpu" or not topology:
+    return chips
+  host = tpu_chips_per_host(str(topology))
+  if chips not in (1, host):
+    raise ValueError(f"resources.chips_per_actor is {chips} but a host of TPU topology {topology} has {host} chips")
+  return host
+
+
 def annotate_ray_args(resources: Any) -> dict:
   """Keyword arguments for `ds.map_batches(AnnotateActor, **annotate_ray_args(resources))`.
 
@@ -96,7 +110,7 @@ def annotate_ray_args(resources: Any) -> dict:
   not passed here: Ray 2.60 deprecates `**ray_remote_args` in `map_batches` (removed in 2.64).
   """
   from ray.data import ActorPoolStrategy
-  acc, chips, actors = accelerator(resources), int(field(resources, "chips_per_actor")), int(field(resources, "actors"))
+  acc, chips, actors = accelerator(resources), chips_per_actor(resources), int(field(resources, "actors"))
   if chips < 1 or actors < 1:
     raise ValueError(f"resources.actors and chips_per_actor must be >= 1, got {actors}, {chips}")
   args = dict(compute=ActorPoolStrategy(size=actors), num_cpus=float(field(resources, "num_cpus")),

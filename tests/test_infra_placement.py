@@ -137,3 +137,20 @@ def test_tpu_slice_helpers():
   assert placement.tpu_chips_per_host(None) == 8
   assert placement.tpu_chips_per_host("2x4", "v5litepod") == 8
   assert placement.tpu_chips_per_host("4x4", "v5litepod") == 4  # 4 hosts x 4 chips
+
+
+@pytest.mark.parametrize("res,chips", [
+    ({"accelerator": "tpu", "topology": "2x4"}, 8),                          # one v5e host, all its chips
+    ({"accelerator": "tpu", "topology": "4x4", "chips_per_actor": 4}, 4),    # each host of a 4-host slice
+    ({"accelerator": "tpu", "chips_per_actor": 8}, 8),
+    ({"accelerator": "gpu", "topology": "2x4", "chips_per_actor": 2}, 2),    # topology is a TPU notion
+])
+def test_tpu_chips_from_topology(res, chips):
+  assert placement.chips_per_actor(res) == chips
+  args = placement.annotate_ray_args(res)
+  assert args.get("resources", {}).get("TPU", args.get("num_gpus")) == chips
+
+
+def test_tpu_chips_conflicting_with_topology():
+  with pytest.raises(ValueError, match="topology 2x4 has 8 chips"):
+    placement.annotate_ray_args({"accelerator": "tpu", "topology": "2x4", "chips_per_actor": 4})
