@@ -245,7 +245,7 @@ def register_submit(parser: argparse.ArgumentParser) -> None:
 def main_submit(args: argparse.Namespace) -> int:
   try:
     job_id = submit(args.job, args.address, args.overrides, args.env_mode, args.submission_id)
-  except ValueError as e:
+  except (ValueError, ConnectionError) as e:
     print(f"pgbatch submit: {e}", file=sys.stderr)
     return 2
   print(job_id, flush=True)
@@ -265,8 +265,12 @@ def register_status(parser: argparse.ArgumentParser) -> None:
 
 
 def main_status(args: argparse.Namespace) -> int:
-  c = client(args.address)
-  info = c.get_job_info(args.job_id)
+  try:
+    c = client(args.address)
+    info = c.get_job_info(args.job_id)
+  except (RuntimeError, ConnectionError) as e:  # unknown id (HTTP 404) / no Ray head there
+    print(f"pgbatch status: {args.job_id}: {e}", file=sys.stderr)
+    return 2
   if args.logs:
     print(c.get_job_logs(args.job_id), end="")
   status = follow(args.address, args.job_id) if args.follow else (

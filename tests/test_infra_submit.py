@@ -114,9 +114,12 @@ def test_cli_parses_submit_and_status():
   assert args.job_id == "raysubmit_1" and args.wait and callable(submit.main_status)
 
 
-def test_submit_reports_unreachable_head(job_dir):
+def test_submit_reports_unreachable_head(job_dir, capsys):
   with pytest.raises(ConnectionError):
     submit.submit(str(job_dir / "job.yaml"), "http://127.0.0.1:9", env_mode="image")
+  assert cli.main(["submit", str(job_dir / "job.yaml"), "--address", "http://127.0.0.1:9", "--env", "image"]) == 2
+  assert cli.main(["status", "raysubmit_x", "--address", "http://127.0.0.1:9"]) == 2
+  assert "127.0.0.1:9" in capsys.readouterr().err
 
 
 # --- against a real Ray head -------------------------------------------------------------------------------
@@ -217,7 +220,8 @@ def test_submit_runs_job_and_parquet_appears(ray_head, tiny_job):
   job_id = out.stdout.strip().splitlines()[-1]
   assert job_id == "pgbatch-test-ok"
   status = _pgbatch("status", job_id, "--address", ray_head, "--wait", check=False)
-  logs = _pgbatch("status", job_id, "--address", ray_head, "--logs").stdout
+  logs = _pgbatch("status", job_id, "--address", ray_head, "--follow").stdout  # streams the logs, then the status
+  assert logs.rstrip().splitlines()[-1].startswith(f"{job_id}\tSUCCEEDED")
   assert status.returncode == 0 and status.stdout.startswith(f"{job_id}\tSUCCEEDED"), status.stdout + logs
   assert "3 images (ok 2, error 1" in logs  # `pgbatch run`'s summary line, from the cluster
   # Ray built that env before starting the entrypoint (a failed env fails the job): wheel + pins.
@@ -244,3 +248,8 @@ def test_failed_job_is_reported(ray_head, tmp_path):
   assert status.returncode == 1 and f"{job_id}\tFAILED" in status.stdout, status.stdout + status.stderr + logs
   assert "no input to process" in logs  # pgbatch ran on the cluster and said why
   assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_status_of_unknown_job(ray_head):
+  out = _pgbatch("status", "no-such-job", "--address", ray_head, check=False)
+  assert out.returncode == 2 and "no-such-job" in out.stderr and "Traceback" not in out.stderr
