@@ -1,7 +1,7 @@
 """`pgbatch demo [--workdir DIR]`: the whole pipeline on this machine, offline, in about a minute.
 
 Writes into DIR (default ./pgbatch-demo):
-  model/tiny-pg2-RANDOM-WEIGHTS.npz   a tiny PaliGemma 2 with RANDOM weights (its captions are gibberish:
+  model/tiny-pg2-RANDOM-WEIGHTS.npz   a tiny PaliGemma 2 with RANDOM weights (its outputs are meaningless:
                                       the demo shows the machinery, not the model)
   model/test_tokenizer.model          a small real SentencePiece model with PaliGemma's token layout
   shards/demo-0000N.tar               WebDataset shards of the sample photographs that ship inside the
@@ -157,7 +157,7 @@ def prepare(workdir, shards: int = 3, log=print) -> Path:
       f"in {shards} WebDataset shards → {root / 'shards'}")
   job = root / "job.yaml"
   header = ("# pgbatch demo job (written by `pgbatch demo`). The checkpoint has RANDOM weights: outputs are\n"
-            "# gibberish; point model.checkpoint/tokenizer at a real PaliGemma to get real annotations.\n")
+            "# meaningless; point model.checkpoint/tokenizer at a real PaliGemma to get real annotations.\n")
   job.write_text(header + yaml.safe_dump(job_dict(root), sort_keys=False))
   return job
 
@@ -178,7 +178,7 @@ def run_demo(workdir=DEFAULT_WORKDIR, progress: bool = True, out=None) -> int:
   say("running on a local Ray (first run compiles the model: ~30 s) …")
   summary = pipeline.run(spec, progress=progress)
   say("")
-  say(summary.line() + f"  [model: {CHECKPOINT_NAME}: RANDOM WEIGHTS, outputs are gibberish]")
+  say(summary.line() + f"  [model: {CHECKPOINT_NAME}: RANDOM WEIGHTS, outputs are meaningless]")
   for f in summary.files:
     say(f"  parquet: {f}")
   say(f"  manifest: {root / 'output' / '_manifest'}")
