@@ -70,3 +70,22 @@ def test_pgbatch_demo_end_to_end(tmp_path):
   broken = [r for t in tables.values() for r in t.to_pylist() if r["key"] == demo.BROKEN_KEY]
   assert broken[0]["status"] == "error" and broken[0]["error"]["stage"] == "decode"
   assert cli.main(["inspect", spec.output.uri]) == 0
+  check_readme_output_layout(spec.output.uri.rstrip("/"), n)
+
+
+def check_readme_output_layout(out: str, n: int):
+  """The README's "Output layout" snippets run on the demo's output and give what they say."""
+  import re
+  import duckdb
+  readme = (H.ROOT / "README.md").read_text()
+  section = readme.split("\n## Output layout\n", 1)[1].split("\n## ", 1)[0]
+  blocks = re.findall(r"```(sql|python)\n(.*?)```", section, re.S)
+  assert [lang for lang, _ in blocks] == ["sql", "python"]
+  statements = [s for s in blocks[0][1].split("\n\n") if s.strip()]
+  by_status = duckdb.sql(statements[0].replace("out/", out + "/")).fetchall()
+  assert by_status == [("ok", None, None, n - 1), ("error", "decode", "TruncatedImageError", 1)]
+  shards = duckdb.sql(statements[1].replace("out/", out + "/")).fetchall()
+  assert len(shards) == 3 and sum(r[1] for r in shards) == n and sum(r[3] for r in shards) == 1
+  scope = {}
+  exec(blocks[1][1].replace('"out/"', repr(out + "/")), scope)  # noqa: S102
+  assert scope["captions"].height == n - 1 and scope["captions"].columns == ["key", "shard", "caption"]
