@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import re
 import shlex
 import shutil
@@ -410,26 +411,111 @@ def test_nightly_schedule():
   zoneinfo.ZoneInfo(spec["timeZone"])
   assert spec["concurrencyPolicy"] == "Forbid"
   pod = spec["jobTemplate"]["spec"]["template"]["spec"]
-  # It creates the RayJob of the ConfigMap that kustomization generates from the TPU v5e RayJob.
+  (container,) = pod["containers"]
+  assert _image_tag_pattern("tpu").match(container["image"]), "the trigger runs in the pgbatch image"
+  # It runs the trigger script on the RayJob, both from the ConfigMap that kustomization generates.
   (cm,) = [d for d in kustomize_build() if d["kind"] == "ConfigMap"]
-  vols = {v["name"]: v for v in pod["volumes"]}
-  mounted = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-  (vol_name,) = [n for n, v in vols.items() if v.get("configMap", {}).get("name") == cm["metadata"]["name"]]
-  item = vols[vol_name]["configMap"]["items"][0]
-  assert item["key"] in cm["data"]
-  script = "\n".join(pod["containers"][0]["args"])
-  assert f"kubectl create -n pgbatch -f {mounted[vol_name]}/{item['path']}" in script
-  rayjob = yaml.safe_load(cm["data"][item["key"]])
+  (vol,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == cm["metadata"]["name"]]
+  (mount,) = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == vol["name"]]
+  files = {f"{mount}/{i['path']}": i["key"] for i in vol["configMap"]["items"]}
+  argv = container["command"] + container.get("args", [])
+  assert argv[0] == "python" and files[argv[1]] == "nightly_trigger.py" and files[argv[2]] == "rayjob.yaml"
+  assert cm["data"]["nightly_trigger.py"] == (INFRA / "k8s" / "nightly_trigger.py").read_text()
+  rayjob = yaml.safe_load(cm["data"]["rayjob.yaml"])
   assert rayjob["spec"]["entrypoint"].split()[2].endswith("/nightly-captions.yaml")
-  # The running-run guard looks for the label the RayJob carries; the scheduler may create RayJobs.
-  label = re.search(r"-l ([\w./-]+)=([\w.-]+)", script)
-  assert rayjob["metadata"]["labels"][label.group(1)] == label.group(2)
+  assert rayjob["metadata"]["labels"]["app.kubernetes.io/component"] == "nightly"
+  # The scheduler's identity may list and create RayJobs.
   base = {(d["kind"], d["metadata"]["name"]): d for d in load_docs(INFRA / "k8s" / "base.yaml")}
-  role = base[("Role", pod["serviceAccountName"])]
+  sa = pod["serviceAccountName"]
+  role = base[("Role", sa)]
   rule = next(r for r in role["rules"] if "rayjobs" in r["resources"])
   assert {"create", "list"} <= set(rule["verbs"]) and rule["apiGroups"] == ["ray.io"]
-  binding = base[("RoleBinding", pod["serviceAccountName"])]
-  assert binding["subjects"][0]["name"] == pod["serviceAccountName"] == base[("ServiceAccount", pod["serviceAccountName"])]["metadata"]["name"]
+  binding = base[("RoleBinding", sa)]
+  assert binding["roleRef"]["name"] == sa and binding["subjects"][0]["name"] == sa and ("ServiceAccount", sa) in base
+
+
+# --- the nightly trigger against a stand-in Kubernetes API (no API server can run here) -------------------
+
+
+class FakeKubeAPI:
+  """Loopback HTTP server answering the two calls the trigger makes: list and create RayJobs."""
+
+  def __init__(self, existing: list[dict], create_status: int = 201):
+    import http.server
+    import threading
+    api = self
+    self.existing, self.create_status, self.requests = existing, create_status, []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def log_message(self, *a):
+        pass
+
+      def _reply(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+      def do_GET(self):
+        api.requests.append(("GET", self.path, self.headers.get("Authorization"), None))
+        self._reply(200, {"kind": "RayJobList", "items": api.existing})
+
+      def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        api.requests.append(("POST", self.path, self.headers.get("Authorization"), body))
+        if api.create_status != 201:
+          return self._reply(api.create_status, {"kind": "Status", "message": "rayjobs.ray.io is forbidden"})
+        self._reply(201, dict(body, metadata=dict(body["metadata"], name=body["metadata"]["generateName"] + "abcde")))
+
+    self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+  def close(self):
+    self.server.shutdown()
+    self.server.server_close()
+
+
+def run_trigger(api: FakeKubeAPI, tmp_path) -> subprocess.CompletedProcess:
+  token = tmp_path / "token"
+  token.write_text("sekret\n")
+  env = dict(os.environ, KUBE_API=api.url, KUBE_TOKEN_FILE=str(token), KUBE_NAMESPACE="pgbatch")
+  try:
+    return subprocess.run([sys.executable, str(INFRA / "k8s" / "nightly_trigger.py"),
+                           str(INFRA / "kuberay" / "rayjob-tpu-v5e.yaml")],
+                          capture_output=True, text=True, env=env, timeout=60)
+  finally:
+    api.close()
+
+
+def _rayjob(name: str, status: str | None) -> dict:
+  return {"metadata": {"name": name}, "status": {"jobDeploymentStatus": status} if status else {}}
+
+
+def test_nightly_trigger_creates_the_rayjob(tmp_path):
+  api = FakeKubeAPI([_rayjob("pgbatch-nightly-aaaaa", "Complete"), _rayjob("pgbatch-nightly-bbbbb", "Failed")])
+  out = run_trigger(api, tmp_path)
+  assert out.returncode == 0, out.stderr
+  (get, post) = api.requests
+  assert get[1] == "/apis/ray.io/v1/namespaces/pgbatch/rayjobs?labelSelector=app.kubernetes.io%2Fcomponent%3Dnightly"
+  assert post[:3] == ("POST", "/apis/ray.io/v1/namespaces/pgbatch/rayjobs", "Bearer sekret")
+  assert post[3] == load_docs(INFRA / "kuberay" / "rayjob-tpu-v5e.yaml")[0]
+  assert "created RayJob pgbatch/pgbatch-nightly-abcde" in out.stdout
+
+
+@pytest.mark.parametrize("status", [None, "Initializing", "Running", "Retrying"])
+def test_nightly_trigger_skips_while_a_run_is_going(tmp_path, status):
+  api = FakeKubeAPI([_rayjob("pgbatch-nightly-aaaaa", "Complete"), _rayjob("pgbatch-nightly-ccccc", status)])
+  out = run_trigger(api, tmp_path)
+  assert out.returncode == 0 and [r[0] for r in api.requests] == ["GET"]
+  assert "still going: pgbatch-nightly-ccccc" in out.stdout
+
+
+def test_nightly_trigger_fails_when_refused(tmp_path):
+  out = run_trigger(FakeKubeAPI([], create_status=403), tmp_path)
+  assert out.returncode == 1 and "403" in out.stderr and "forbidden" in out.stderr
 
 
 # --- Dockerfile -------------------------------------------------------------------------------------------
