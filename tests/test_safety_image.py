@@ -105,6 +105,8 @@ def test_hash_list_parsing():
   with pytest.raises(ValueError, match="line 1: not a phash"):
     parse_hash_list("xyz0123456789abc\n", "phash")
   assert parse_hash_list("00ff00ff00ff00ff\n", "phash") == {"00ff00ff00ff00ff"}
+  with pytest.raises(ValueError, match="line 1: phash of a near-uniform image"):
+    parse_hash_list(f"{phash(encode(Image.new('RGB', (64, 64), (40, 40, 40)))):016x}\n", "phash")
 
 
 def test_exact_hash_lists_match_bytes_only(tmp_path, noise, photos):

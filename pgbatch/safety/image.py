@@ -16,6 +16,7 @@ from pgbatch.safety.base import Hit
 
 HEX_LEN = {"sha256": 64, "md5": 32, "phash": 16}
 EXACT_ALGORITHMS = ("sha256", "md5")
+PHASH_MIN_BITS = 8  # a textured image sets ~32 of 64 bits (> median); flat images set almost none
 
 
 def parse_hash_list(text: str, algorithm: str) -> frozenset[str]:
@@ -28,6 +29,9 @@ def parse_hash_list(text: str, algorithm: str) -> frozenset[str]:
     h = tok[0].lower()
     if len(h) != HEX_LEN[algorithm] or not re.fullmatch(r"[0-9a-f]+", h):
       raise ValueError(f"hash list line {n}: not a {algorithm} hex digest")
+    if algorithm == "phash" and bin(int(h, 16)).count("1") < PHASH_MIN_BITS:
+      raise ValueError(f"hash list line {n}: phash of a near-uniform image (< {PHASH_MIN_BITS} bits set) would "
+                       "match every blank image; list such images by sha256")
     out.add(h)
   return frozenset(out)
 
