@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 SHARD_ROWS = "_shard_rows"
 READ_AT = "_read_at"     # epoch seconds when the shard was read (per-shard latency in the manifest)
 INTERNAL = (SHARD_ROWS, READ_AT)
+PROMPT_CACHE_SIZE = 4096
 # Read/decode tasks: an exception that escapes them (a transient I/O error; bad data becomes error rows) is
 # retried a few times before the run fails; the shard is then redone by the next run.
 RETRY_ARGS = {"max_retries": 5, "retry_exceptions": True}
@@ -219,6 +220,19 @@ def decode_and_prefilter(batch: dict, size: int, max_pixels: int, policy_json: s
   return out
 
 
+def question_fields(metadata: Optional[str]) -> dict:
+  """The fields an answer task's `question_field` is looked up in: the row's metadata (Parquet: the other
+  columns) merged over the fields of a WebDataset `.json` sidecar (kept under "json" by the reader)."""
+  try:
+    meta = json.loads(metadata) if metadata else {}
+  except (TypeError, ValueError):
+    return {}
+  if not isinstance(meta, dict):
+    return {}
+  sidecar = meta.get("json")
+  return {**sidecar, **meta} if isinstance(sidecar, dict) else meta
+
+
 def _error_struct(s: Any) -> Optional[dict]:
   if s is None or (isinstance(s, str) and not s) or (isinstance(s, float) and np.isnan(s)):
     return None
@@ -299,6 +313,8 @@ class Annotator:
 
   def _tokens(self, text: str) -> list[int]:
     if text not in self.prompt_cache:
+      if len(self.prompt_cache) >= PROMPT_CACHE_SIZE:  # per-image questions: keep the cache bounded
+        self.prompt_cache.clear()
       self.prompt_cache[text] = self.tokenizer.encode_prompt(text)
     return self.prompt_cache[text]
 
@@ -313,8 +329,7 @@ class Annotator:
       try:
         for t in self.tasks:
           if t.question_field is not None and meta is None:
-            meta = json.loads(metadata[i] or "{}") if metadata is not None else {}
-            meta = meta if isinstance(meta, dict) else {}
+            meta = question_fields(metadata[i] if metadata is not None else None)
           row[t.name] = t.prompt(meta)
       except (PromptError, ValueError) as e:
         status[i], errors[i] = "error", {"stage": "annotate", "type": type(e).__name__, "message": str(e)}
@@ -502,11 +517,20 @@ def _runtime_env(env: dict, inherited: bool) -> Optional[dict]:
 
 
 def plan_info(spec) -> dict:
-  """Model facts the driver needs before Ray starts: image size, variant, checkpoint digest (headers only)."""
-  from pgbatch import checkpoints
+  """Model facts the driver needs before Ray starts: image size, variant, checkpoint digest (from the file
+  headers, no weights read). Also loads the tokenizer and, for segment tasks, checks the VQ-VAE file exists,
+  so a wrong model path fails here with the path instead of in every actor."""
+  import fsspec
+  from pgbatch import checkpoints, tokenizer
   ckpt = checkpoints.open_checkpoint(spec.model.checkpoint, variant=spec.model.variant)
   cfg = ckpt.config
-  return {"image_size": int(cfg.image_size), "model_variant": cfg.name, "checkpoint_digest": ckpt.info.digest}
+  tok = tokenizer.load(spec.model.tokenizer)
+  if spec.model.vae:
+    fs, path = fsspec.core.url_to_fs(spec.model.vae)
+    if not fs.exists(path):
+      raise FileNotFoundError(f"model.vae: {spec.model.vae} not found")
+  return {"image_size": int(cfg.image_size), "model_variant": cfg.name, "checkpoint_digest": ckpt.info.digest,
+          "tokenizer_digest": tok.digest}
 
 
 def pc_min(col) -> float:
@@ -581,7 +605,7 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
     return summary
   info = plan_info(spec)
   provenance = {"model_variant": info["model_variant"], "checkpoint_uri": spec.model.checkpoint,
-                "checkpoint_digest": info["checkpoint_digest"], "tokenizer_digest": None,
+                "checkpoint_digest": info["checkpoint_digest"], "tokenizer_digest": info["tokenizer_digest"],
                 "pgbatch_version": pgbatch.__version__, "job_id": f"{spec.name}/{run_id}",
                 "started_at": started_at.isoformat(), "safety_filters": []}  # filled by SafetyPost
   log.info("%d shard(s) to do, %d already committed; model %s", len(todo), summary.shards_skipped,
@@ -658,10 +682,15 @@ def main_run(args) -> int:
   except config.JobSpecError as e:
     print(str(e), file=sys.stderr)
     return 2
+  from pgbatch.checkpoints import CheckpointError
+  from pgbatch.tokenizer import TokenizerError
   try:
     summary = run(spec, progress=not args.no_progress)
   except InputError as e:
     print(f"pgbatch run: {spec.name}: no input to process: {e}", file=sys.stderr)
+    return 2
+  except (CheckpointError, TokenizerError, FileNotFoundError) as e:
+    print(f"pgbatch run: {spec.name}: cannot load the model: {e}", file=sys.stderr)
     return 2
   print(summary.line())
   if not summary.success:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pgbatch import cli, config, demo, pipeline, schema
+from pgbatch import cli, config, demo, pipeline, schema, tasks
 from tests import pipeline_helpers as H
 
 TASKS = [
@@ -20,7 +20,14 @@ TASKS = [
 
 
 @pytest.fixture(scope="module")
-def e2e(gcs, tmp_path_factory):
+def ray_session(gcs):
+  """One local Ray for the module, started after the emulator so its workers see STORAGE_EMULATOR_HOST."""
+  with H.local_ray() as ray:
+    yield ray
+
+
+@pytest.fixture(scope="module")
+def e2e(gcs, ray_session, tmp_path_factory):
   """Runs the job once (shards and output in the emulator, model on local disk); yields what the tests read."""
   fs, bucket = gcs
   tmp = tmp_path_factory.mktemp("e2e")
@@ -36,9 +43,8 @@ def e2e(gcs, tmp_path_factory):
     inputs.setdefault(uri, {})[row[0]] = (row[1], row[2])
   spec = config.from_dict(H.job("e2e", f"gs://{bucket}/e2e/shards/*.tar", f"gs://{bucket}/e2e/out/", ckpt, tok,
                                 tasks=TASKS), environ={})
-  with H.local_ray():
-    summary = pipeline.run(spec, progress=False)
-    rerun = pipeline.run(spec, progress=False)   # everything committed: nothing to do, no Ray work
+  summary = pipeline.run(spec, progress=False)
+  rerun = pipeline.run(spec, progress=False)   # everything committed: nothing to do, no Ray work
   entries, tables = H.read_output(spec.output.uri, fs)
   yield dict(fs=fs, bucket=bucket, spec=spec, summary=summary, rerun=rerun, entries=entries, tables=tables,
              inputs=inputs)
@@ -154,3 +160,57 @@ def test_summary_line():
   s.shards_failed = ["x"]
   assert not s.success and "1 FAILED" in s.line()
   assert pa is not None
+
+
+@pytest.fixture(scope="module")
+def parquet_job(ray_session, tmp_path_factory):
+  """A Parquet input (Hugging Face style image struct, `id` keys, a `question` column) on local disk, with a
+  per-image question task and a segment task (random VQ-VAE)."""
+  import pyarrow.parquet as pq
+  from pgbatch.model import vqvae
+  tmp = tmp_path_factory.mktemp("pq")
+  ckpt, tok = H.tiny_model(tmp / "model")
+  vae = vqvae.write_random_vae(str(tmp / "model" / "vae.npz"))
+  photos = [s for s in demo.samples() if s[0] != demo.BROKEN_KEY][:4]
+  questions = ["what is this?", "how many cats?", None, "where is it?"]
+  (tmp / "in").mkdir()
+  pq.write_table(pa.table({
+      "id": [f"img-{i}" for i in range(4)],
+      "image": [{"bytes": b, "path": f"{k}.{e}"} for k, b, e, _ in photos],
+      "question": questions}), str(tmp / "in" / "part-0.parquet"))
+  tasks = [{"name": "vqa", "kind": "answer", "lang": "en", "question_field": "question", "max_new_tokens": 6},
+           {"name": "masks", "kind": "segment", "classes": ["cat"], "max_new_tokens": 6}]
+  spec = config.from_dict(H.job("pq", str(tmp / "in" / "*.parquet"), str(tmp / "out"), ckpt, tok, tasks=tasks,
+                                fmt="parquet", fast_safety=True, input={"uri": str(tmp / "in" / "*.parquet"),
+                                                                        "format": "parquet", "key_column": "id"},
+                                model={"checkpoint": ckpt, "tokenizer": tok, "variant": H.VARIANT,
+                                       "dtype": "float32", "vae": vae}), environ={})
+  summary = pipeline.run(spec, progress=False)
+  entries, tables = H.read_output(spec.output.uri)
+  yield dict(summary=summary, rows=[r for t in tables.values() for r in t.to_pylist()], questions=questions,
+             photos=photos, tables=tables)
+
+
+def test_parquet_input_with_per_image_questions(parquet_job):
+  s = parquet_job["summary"]
+  assert s.success and (s.images, s.ok, s.error) == (4, 3, 1), s
+  rows = {r["key"]: r for r in parquet_job["rows"]}
+  assert sorted(rows) == [f"img-{i}" for i in range(4)]
+  for i, q in enumerate(parquet_job["questions"]):
+    r = rows[f"img-{i}"]
+    assert r["source_uri"].endswith(f"part-0.parquet#row{i}"), r["source_uri"]
+    if q is None:  # no question for this image: an error row naming the missing field
+      assert r["status"] == "error" and r["error"]["stage"] == "annotate" and "question" in r["error"]["message"]
+      assert r["vqa"] is None and r["masks"] is None
+    else:
+      assert r["status"] == "ok", r["error"]
+      assert r["vqa"]["prompt"] == f"answer en {q}" and r["masks"]["prompt"] == "segment cat"
+      assert isinstance(r["masks"]["objects"], list)
+  (t,) = parquet_job["tables"].values()
+  assert t.schema.field("masks").type == tasks.SEGMENT_TYPE and t.schema.field("vqa").type == tasks.TEXT_TYPE
+
+
+def test_question_fields_come_from_columns_or_the_json_sidecar():
+  assert pipeline.question_fields('{"json": {"question": "a?"}, "txt": "t"}')["question"] == "a?"
+  assert pipeline.question_fields('{"question": "col", "json": {"question": "side"}}')["question"] == "col"
+  assert pipeline.question_fields(None) == {} and pipeline.question_fields("not json") == {}
