@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 K8S_VERSION = "1.33"          # the oldest GKE minor the manifests target (CronJob timeZone is GA since 1.27)
 KUBERAY_SCHEMAS = INFRA / "schemas" / "kuberay-v1.7.0"
-RAY_KINDS = {"RayCluster": "raycluster", "RayJob": "rayjob", "RayCronJob": "raycronjob"}
+RAY_KINDS = {"RayCluster": "raycluster", "RayJob": "rayjob"}
 IMAGE_IN_CONTAINER_JOBS = "/opt/pgbatch/jobs/"   # where infra/Dockerfile copies jobs/
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # GKE accelerator label → GPUs per node its machine types offer.

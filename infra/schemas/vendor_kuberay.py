@@ -1,4 +1,4 @@
-"""Vendor KubeRay's CRD schemas (v1 RayCluster, RayJob, RayCronJob) for the manifest tests, kept small.
+"""Vendor KubeRay's CRD schemas (v1 RayCluster and RayJob) for the manifest tests, kept small.
 
     git clone --branch v1.7.0 https://github.com/ray-project/kuberay /tmp/kuberay
     python infra/schemas/vendor_kuberay.py /tmp/kuberay/ray-operator/config/crd/bases v1.7.0
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-KINDS = {"rayclusters": "raycluster", "rayjobs": "rayjob", "raycronjobs": "raycronjob"}
+KINDS = {"rayclusters": "raycluster", "rayjobs": "rayjob"}
 POD_TEMPLATE_REF = {"$ref": "https://kubernetes.io/api/podtemplatespec/v1"}
 
 
