@@ -364,6 +364,30 @@ def test_constraints_pin_every_dependency_at_the_tested_version():
     assert importlib.metadata.version(name) == version, f"{name}: pinned {version}"
 
 
+def test_pins_are_mutually_consistent_and_jax_variants_exist():
+  """What `pip install -c constraints.txt` resolves in the image must not conflict: every pinned package's own
+  requirements accept the other pins, and jax's `tpu` / `cuda12` extras (the image variants) accept the pinned jaxlib."""
+  pins = constraints()
+  for name, version in pins.items():
+    for text in importlib.metadata.requires(name) or []:
+      req = Requirement(text)
+      if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue
+      other = canonicalize_name(req.name)
+      if other in pins:
+        assert req.specifier.contains(pins[other], prereleases=True), f"{name}=={version} wants {text}, pinned {pins[other]}"
+  extras = {}
+  for text in importlib.metadata.requires("jax") or []:
+    req = Requirement(text)
+    for extra in ("tpu", "cuda12"):
+      if req.marker is not None and req.marker.evaluate({"extra": extra}) and not req.marker.evaluate({"extra": ""}):
+        extras.setdefault(extra, []).append(req)
+  assert set(extras) == {"tpu", "cuda12"}, "jax lost an extra the Dockerfile installs"
+  for extra, reqs in extras.items():
+    (jaxlib,) = [r for r in reqs if r.name == "jaxlib"]
+    assert jaxlib.specifier.contains(pins["jaxlib"]), f"jax[{extra}] wants {jaxlib}, pinned jaxlib=={pins['jaxlib']}"
+
+
 def test_rayjob_entrypoints_run_a_shipped_job_spec():
   jobs = of_kind("RayJob")
   assert len(jobs) >= 2
