@@ -75,7 +75,7 @@ def test_nsfw_runs_offline_and_scores_real_photos_low(nsfw, photos):
   assert all(0.0 <= s <= 1.0 for s in scores.values())
   assert max(scores[k] for k in [*jpegs, *variants]) < 0.1, scores
   assert max(scores[k] for k in solid) < 0.5, scores  # skin-coloured fills stay well below the 0.8 default
-  assert one[0][0].score == pytest.approx(scores["coffee"], abs=1e-5)  # batch composition does not matter
+  assert one[0][0].score == pytest.approx(scores["coffee"], abs=1e-4)  # batch composition does not matter
 
 
 def test_nsfw_input_is_decoded_upright(photos):
