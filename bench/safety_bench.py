@@ -98,8 +98,15 @@ def measure(fn, items: list, seconds: float) -> dict:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+  """Every measurement row (filters, then stages)."""
   import tempfile
 
+  with tempfile.TemporaryDirectory(prefix="safety-bench-") as tmp:
+    return run_in(args, tmp)
+
+
+def run_in(args: argparse.Namespace, tmp: str) -> list[dict]:
+  """run() with the benchmark hash lists written under `tmp`."""
   import pyarrow as pa
 
   from pgbatch.safety import PostFilter, PreFilter, SafetyPolicy
@@ -110,7 +117,6 @@ def run(args: argparse.Namespace) -> list[dict]:
 
   imgs = photos(args.image_size, args.images)
   txts = texts(args.texts)
-  tmp = tempfile.mkdtemp(prefix="safety-bench-")
   sha_uri = hash_list(f"{tmp}/list.sha256", "sha256", args.hashes)
   ph_uri = hash_list(f"{tmp}/list.phash", "phash", args.hashes)
   policy = SafetyPolicy.default()
