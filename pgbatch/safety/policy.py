@@ -6,7 +6,7 @@ import functools
 import hashlib
 import json
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -38,6 +38,7 @@ class FilterPolicy(BaseModel):
   action: Action = "flag"
   on_error: OnError = "fail_closed"
   categories: dict[str, CategoryPolicy] = {}
+  KNOWN_CATEGORIES: ClassVar[tuple[str, ...]] = ()  # keys allowed under `categories` (empty: not checked)
 
   def rule(self, category: str) -> tuple[float, str]:
     """(threshold, action) for a category after overrides."""
@@ -46,17 +47,13 @@ class FilterPolicy(BaseModel):
     a = c.action if c is not None and c.action is not None else self.action
     return float(t), a
 
-  def known_categories(self) -> tuple[str, ...]:
-    """Categories this filter can report (keys allowed under `categories`)."""
-    return ()
-
-  @model_validator(mode="after")
-  def _known_category_overrides(self) -> "FilterPolicy":
-    known = self.known_categories()
-    bad = sorted(set(self.categories) - set(known))
-    if bad and known:
-      raise ValueError(f"categories: unknown {bad}; this filter reports {list(known)}")
-    return self
+  @field_validator("categories")
+  @classmethod
+  def _known_category_overrides(cls, v: dict) -> dict:
+    bad = sorted(set(v) - set(cls.KNOWN_CATEGORIES))
+    if bad and cls.KNOWN_CATEGORIES:
+      raise ValueError(f"unknown {bad}; this filter reports {list(cls.KNOWN_CATEGORIES)}")
+    return v
 
   def applies_to(self, column: str) -> bool:
     """Whether this filter scores the task column `column`."""
@@ -65,17 +62,13 @@ class FilterPolicy(BaseModel):
 
 class ToxicityPolicy(FilterPolicy):
   threshold: float = Field(0.9, ge=0.0, le=1.0)
-
-  def known_categories(self) -> tuple[str, ...]:
-    return ("toxicity",)
+  KNOWN_CATEGORIES: ClassVar[tuple[str, ...]] = ("toxicity",)
 
 
 class WordlistPolicy(FilterPolicy):
   threshold: float = Field(1.0, ge=0.0, le=1.0)
   languages: list[str] = ["en"]
-
-  def known_categories(self) -> tuple[str, ...]:
-    return ("profanity",)
+  KNOWN_CATEGORIES: ClassVar[tuple[str, ...]] = ("profanity",)
 
   @field_validator("languages")
   @classmethod
@@ -90,9 +83,7 @@ class PiiPolicy(FilterPolicy):
   threshold: float = Field(0.4, ge=0.0, le=1.0)
   entities: list[str] = list(PII_ENTITIES[:7])
   language: str = "en"
-
-  def known_categories(self) -> tuple[str, ...]:
-    return PII_ENTITIES  # not only `entities`: the shipped URL override stays valid when URL is not scanned
+  KNOWN_CATEGORIES: ClassVar[tuple[str, ...]] = PII_ENTITIES  # not only `entities`: the shipped URL override
 
   @field_validator("entities")
   @classmethod
@@ -115,9 +106,7 @@ class NsfwPolicy(FilterPolicy):
   fields: list[Literal["image"]] = ["image"]
   threshold: float = Field(0.8, ge=0.0, le=1.0)
   action: Action = "drop_content"
-
-  def known_categories(self) -> tuple[str, ...]:
-    return ("nsfw",)
+  KNOWN_CATEGORIES: ClassVar[tuple[str, ...]] = ("nsfw",)
 
 
 class HashListPolicy(FilterPolicy):
