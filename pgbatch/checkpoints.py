@@ -839,6 +839,12 @@ class Checkpoint:
       self._closer()
       self._closer = None
 
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except  (best effort at garbage collection)
+      pass
+
 
 def _resolve(uri: str):
   try:

@@ -319,6 +319,37 @@ def test_unregistered_architecture_is_inferred(tmp_path):
           got.text.mlp_dim, got.text.post_norms) == (32, 3, 2, 2, 8, 80, False)
 
 
+def small_vocab_config():
+  return configs.PaliGemmaConfig("x", configs.VisionConfig(width=16, depth=1, mlp_dim=32, num_heads=2),
+                                 configs.TextConfig(width=16, depth=1, mlp_dim=32, num_heads=2, num_kv_heads=1,
+                                                    head_dim=8, vocab_size=1000, query_scale=8 ** -0.5),
+                                 image_size=28)
+
+
+def test_npz_as_numpy_writes_it(tmp_path):
+  """np.savez_compressed, a `params/` prefix (some big_vision files) and a Fortran-ordered member all load."""
+  cfg = small_vocab_config()
+  p = random_params(cfg, seed=2)
+  members = {f"params/{k}": v for k, v in p.items()}
+  members["params/llm/layers/mlp/linear"] = np.asfortranarray(p["llm/layers/mlp/linear"])
+  np.savez_compressed(tmp_path / "c.npz", **members)
+  np.savez(tmp_path / "u.npz", **members)
+  for name in ("c.npz", "u.npz"):
+    with C.open_checkpoint(str(tmp_path / name)) as ck:
+      assert C._dims(ck.config) == C._dims(cfg)  # pylint: disable=protected-access
+      got = dict(ck.tensors(dtype=BF16))
+    assert set(got) == set(p)
+    for k, v in p.items():
+      assert got[k].dtype == BF16 and np.array_equal(got[k], v.astype(BF16)), (name, k)
+
+
+def test_pickled_member_is_refused(tmp_path):
+  np.savez(tmp_path / "pickle.npz", **{"llm/evil": np.array([{"run": "code"}], dtype=object)})
+  with pytest.raises(C.CorruptCheckpointError, match=r"pickle.npz is corrupt or truncated: member llm/evil.npy: "
+                     r"object arrays are not allowed"):
+    C.open_checkpoint(str(tmp_path / "pickle.npz"))
+
+
 def test_variant_override_is_checked(ckdir):
   path = str(ckdir / "pg2.b16.npz")
   assert load(path, variant="tiny-pg2", dtype="float32").config == CFG
