@@ -66,7 +66,10 @@ def hamming_min(h: int, table: np.ndarray) -> int:
   """Smallest Hamming distance from the 64-bit hash `h` to any entry of `table` [N] uint64 (64 if empty)."""
   if table.size == 0:
     return 64
-  return int(np.bitwise_count(table ^ np.uint64(h)).min())
+  x = table ^ np.uint64(h)
+  if hasattr(np, "bitwise_count"):  # numpy >= 2
+    return int(np.bitwise_count(x).min())
+  return int(np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1).min())
 
 
 class HashListFilter:
