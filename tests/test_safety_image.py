@@ -212,3 +212,13 @@ def test_empty_batches_pass_through():
       pa.table({"key": pa.array([], pa.string()), "status": pa.array([], pa.string()),
                 "caption": pa.array([], pa.struct([("text", pa.string())]))}))
   assert table.num_rows == 0 and "safety" in table.column_names
+
+
+def test_hamming_min_with_and_without_numpy_bitwise_count(monkeypatch):
+  rng = np.random.default_rng(0)
+  table = rng.integers(0, 2**63, 500, dtype=np.uint64)
+  h = int(table[7]) ^ 0b1011_0000_0001
+  expected = min(hamming(h, int(t)) for t in table)
+  assert hamming_min(h, table) == expected == 4
+  monkeypatch.delattr(np, "bitwise_count", raising=False)  # numpy < 2
+  assert hamming_min(h, table) == expected
