@@ -85,8 +85,13 @@ def _corrupt(uri: str, reason: str) -> CorruptCheckpointError:
 
 
 def _fingerprint(info: Mapping[str, Any]) -> str:
-  """The cheapest content-identifying field fsspec reports for a file (etag, md5, generation, mtime)."""
-  for k in ("etag", "ETag", "md5Hash", "md5", "generation", "mtime", "LastModified", "last_modified", "updated"):
+  """The best identifying field a store reports for a file without reading it: a content hash where there is one
+  (GCS md5/crc32c, HF LFS sha256 or git blob id), else an etag, generation or modification time."""
+  lfs = info.get("lfs")
+  if isinstance(lfs, Mapping) and lfs.get("sha256"):
+    return f"sha256={lfs['sha256']}"
+  for k in ("md5Hash", "crc32c", "md5", "blob_id", "ETag", "etag", "generation", "mtime", "LastModified",
+            "last_modified", "updated"):
     if info.get(k) is not None:
       return f"{k}={info[k]}"
   return ""
@@ -959,9 +964,12 @@ def _open_hf(uri, fs, path) -> Checkpoint:
     found = sorted(os.path.basename(p) for p in fs.ls(path, detail=False))[:10]
     if not found:
       raise CheckpointNotFoundError(f"checkpoint not found: {uri} is an empty directory")
+    hint = ("; PyTorch .bin weights are pickles and are not read: save them as safetensors first "
+            "(transformers: save_pretrained(dir, safe_serialization=True))" if any(
+                f.endswith(".bin") for f in found) else "")
     raise UnknownFormatError(f"cannot tell the format of {uri}: a directory needs config.json and "
                              f"model.safetensors or model.safetensors.index.json (Hugging Face layout); "
-                             f"found {', '.join(found)}")
+                             f"found {', '.join(found)}{hint}")
   try:
     hf_cfg = json.loads(fs.cat_file(join("config.json")))
   except ValueError as e:

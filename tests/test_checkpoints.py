@@ -263,6 +263,10 @@ def test_place_keeps_no_host_copy(ckdir):
 # Provenance.
 
 
+def fs_info(info):
+  return info.fs.info(info.files[0][0])
+
+
 def test_provenance_digest_and_sha256(ckdir, gcs_ckpts, tmp_path):
   npz = str(ckdir / "pg2.npz")
   a, b = C.open_checkpoint(npz), C.open_checkpoint(npz)
@@ -273,7 +277,9 @@ def test_provenance_digest_and_sha256(ckdir, gcs_ckpts, tmp_path):
   assert C.open_checkpoint(str(ckdir / "split/pg2.npz")).info.full_sha256() == whole
   remote = C.open_checkpoint(f"{gcs_ckpts}/split/pg2.npz")
   assert remote.info.full_sha256() == whole and len(remote.info.files) == 3
-  assert C.open_checkpoint(f"{gcs_ckpts}/pg2.npz").info.digest != a.info.digest  # etag, not mtime
+  gcs_info = C.open_checkpoint(f"{gcs_ckpts}/pg2.npz").info
+  assert gcs_info.digest != a.info.digest  # GCS: md5 of the content; local: mtime
+  assert C._fingerprint(fs_info(gcs_info)).startswith("md5Hash=")  # pylint: disable=protected-access
   # A changed file changes the cheap digest.
   copy = tmp_path / "copy.npz"
   shutil.copy(npz, copy)
@@ -566,6 +572,11 @@ def test_not_a_checkpoint(tmp_path):
   (tmp_path / "dir" / "README.md").write_text("hi")
   with pytest.raises(C.UnknownFormatError, match=r"a directory needs config.json and model.safetensors .*found "
                      r"README.md"):
+    load(str(tmp_path / "dir"))
+  (tmp_path / "dir" / "config.json").write_text("{}")
+  (tmp_path / "dir" / "pytorch_model.bin").write_bytes(b"PK")
+  with pytest.raises(C.UnknownFormatError, match=r"found README.md, config.json, pytorch_model.bin; PyTorch .bin "
+                     r"weights are pickles and are not read"):
     load(str(tmp_path / "dir"))
   (tmp_path / "empty.npz").write_bytes(b"")
   with pytest.raises(C.CorruptCheckpointError, match=r"empty.npz is corrupt or truncated: not a zip/npz file"):
