@@ -159,6 +159,7 @@ def ray_head(tmp_path_factory):
   env = _env(JAX_COMPILATION_CACHE_DIR=str(jax_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
   address = f"http://127.0.0.1:{dashboard}"
+  os.environ["RAY_AUTH_MODE"] = "disabled"  # for the Job Submission client in this process
   try:
     deadline = time.monotonic() + 90
     while True:
@@ -175,7 +176,7 @@ def ray_head(tmp_path_factory):
   finally:
     os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM ...
     try:
-      proc.wait(timeout=5)
+      proc.wait(timeout=2)
     except subprocess.TimeoutExpired:
       pass
     try:
@@ -187,12 +188,17 @@ def ray_head(tmp_path_factory):
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def _pgbatch(*args, check=True, timeout=300) -> subprocess.CompletedProcess:
-  out = subprocess.run([sys.executable, "-m", "pgbatch.cli", *args], capture_output=True, text=True,
-                       env=_env(), timeout=timeout)
+def _pgbatch(*args, check=True) -> subprocess.CompletedProcess:
+  """`pgbatch ARGS` (the console script's `cli.main`), in this process: stdout, stderr and exit status."""
+  import contextlib
+  import io
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    rc = cli.main(list(args))
+  result = subprocess.CompletedProcess(["pgbatch", *args], rc, out.getvalue(), err.getvalue())
   if check:
-    assert out.returncode == 0, f"pgbatch {' '.join(args)}: rc {out.returncode}\n{out.stdout}\n{out.stderr}"
-  return out
+    assert rc == 0, f"pgbatch {' '.join(args)}: rc {rc}\n{result.stdout}\n{result.stderr}"
+  return result
 
 
 @pytest.fixture(scope="module")
