@@ -14,8 +14,8 @@ from pgbatch import demo
 from pgbatch.io import sink
 from tests import pipeline_helpers as H
 
-SHARDS = 10
-PER_SHARD = 3
+SHARDS = 8
+PER_SHARD = 2
 
 
 def _committed(out) -> dict:
@@ -39,7 +39,7 @@ def resumed(tmp_path_factory):
   demo.write_shards(tmp / "shards", rows, shards=SHARDS, prefix="s")
   out = tmp / "out"
   spec = H.job("resume", str(tmp / "shards" / "*.tar"), str(out) + "/", ckpt, tok, fast_safety=True, batch_size=2,
-               tasks=[{"name": "caption_en", "kind": "caption", "lang": "en", "max_new_tokens": 24}])
+               tasks=[{"name": "caption_en", "kind": "caption", "lang": "en", "max_new_tokens": 16}])
   (tmp / "job.yaml").write_text(yaml.safe_dump(spec))
   proc = subprocess.Popen(H.pgbatch_cmd("run", str(tmp / "job.yaml"), "--no-progress"), env=H.subprocess_env(),
                           cwd=str(H.ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
