@@ -1134,6 +1134,11 @@ def _write_hf_stream(items: Iterable[tuple[str, np.ndarray]], shapes, cfg, dir_u
     fs.makedirs(path, exist_ok=True)
   dtypes = {str(d) for _, d, _ in flat}
   dtype = "bfloat16" if "bfloat16" in dtypes else ("float16" if "float16" in dtypes else "float32")
+  stale = [p for p in (fs.ls(path, detail=False) if fs.exists(path) else [])
+           if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", os.path.basename(p))
+           and os.path.basename(p) not in names]
+  for p in stale:  # weights of an earlier conversion into the same directory would shadow or confuse these
+    fs.rm(p)
   fs.pipe_file(f"{path}/config.json", json.dumps(hf_config_dict(cfg, dtype), indent=1).encode())
   if len(shards) > 1:
     index = dict(metadata=dict(total_size=sum(math.prod(s) * d.itemsize for _, d, s in flat)),

@@ -615,6 +615,10 @@ def test_convert_between_urls_sharded(ckdir, gcs_ckpts, tmp_path, params):
     assert len(ck.info.files) >= 4  # config, index, 2+ shards
     for name, a in ck.tensors():
       assert np.array_equal(a, params[name]), name
+  # Converting again into the same directory, unsharded this time, leaves no stale shards or index behind.
+  assert main(["convert", f"{gcs_ckpts}/pg2.npz", dst]) == 0
+  with C.open_checkpoint(dst) as ck:
+    assert sorted(os.path.basename(p) for p, _ in ck.info.files) == ["config.json", "model.safetensors"]
   assert main(["convert", dst, f"file://{tmp_path}/again.npz"]) == 0
   assert (tmp_path / "again.npz").read_bytes() == (ckdir / "pg2.npz").read_bytes()
   # Transformers' newer key spelling converts to the same npz.
