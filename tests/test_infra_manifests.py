@@ -561,6 +561,12 @@ def test_dockerfile_variants_and_sources():
     for s in src.split():
       assert (ROOT / s).exists(), f"Dockerfile copies {s}, which does not exist"
   assert "COPY jobs /opt/pgbatch/jobs" in text  # where the RayJob entrypoints look
+  # The build context keeps exactly what is copied (infra/Dockerfile.dockerignore is an allowlist).
+  ignore = [l.strip() for l in (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
+            if l.strip() and not l.startswith("#")]
+  assert ignore[0] == "**"
+  copied = {s for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M) for s in src.split()}
+  assert copied == {l[1:] for l in ignore if l.startswith("!")}
   assert re.search(r"^USER ray$", text, re.M)
 
 
