@@ -312,6 +312,7 @@ def bench_load(uri: str, dtype: str = "bfloat16", mesh=None, fixed_overhead: int
 
   import pgbatch.model
   from pgbatch import checkpoints
+  jax.devices()  # backend start-up (seconds on TPU) is not part of loading
   gc.collect()
   t0 = time.perf_counter()
   with checkpoints.open_checkpoint(uri) as ck:
