@@ -905,7 +905,10 @@ def _open(uri: str, variant: Optional[str]) -> Checkpoint:
   if info is not None and info.get("type") != "directory" and (os.path.basename(path) in (
       "config.json", "model.safetensors", "model.safetensors.index.json") or path.endswith(".safetensors")):
     path, info = os.path.dirname(path), _info(fs, os.path.dirname(path))
-  if info is not None and info.get("type") == "directory":
+  is_dir = info is not None and info.get("type") == "directory"
+  if not is_dir and not _NPZ_NAME.match(path) and _info(fs, f"{path}/config.json") is not None:
+    is_dir = True  # stores without directories (http://): a HF layout is known by its config.json
+  if is_dir:
     return _open_hf(uri, fs, path)
   return _open_npz(uri, fs, path, info, variant)
 

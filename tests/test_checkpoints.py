@@ -1,14 +1,19 @@
-"""Checkpoints: every published format, from local paths, file:// and gs:// (loopback GCS emulator), streamed onto
-a mesh of 8 virtual CPU devices, with the errors users see for broken files.
+"""Checkpoints: every published format, from local paths, file://, gs:// (loopback GCS emulator) and http:// (a
+loopback server with Range requests), streamed onto a mesh of 8 virtual CPU devices, with the errors users see
+for broken files.
 
 One tiny PaliGemma 2 (full 257152-row vocabulary) is written once per module in each format; every load must give
 bit-identical parameters and logits to the model built from the same arrays in memory.
 """
+import functools
 import hashlib
+import http.server
+import io
 import json
 import os
 import re
 import shutil
+import threading
 import weakref
 
 import jax
@@ -121,19 +126,56 @@ def reference(params, batch):
   return out
 
 
-def uri_of(where, fmt, ckdir, gcs_root):
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+  """Static files with HTTP Range support (what object stores and CDNs serve), directory listings as HTML."""
+
+  def send_head(self):
+    path = self.translate_path(self.path)
+    m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+    if m is None or not os.path.isfile(path):
+      return super().send_head()
+    size = os.path.getsize(path)
+    start, end = int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
+    with open(path, "rb") as f:
+      f.seek(start)
+      body = f.read(max(0, end - start + 1))
+    self.send_response(206)
+    self.send_header("Content-Type", "application/octet-stream")
+    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    return io.BytesIO(body)
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture(scope="module")
+def http_root(ckdir):
+  """ckdir served over HTTP on loopback: http://127.0.0.1:PORT"""
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(ckdir)))
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  yield f"http://127.0.0.1:{server.server_address[1]}"
+  server.shutdown()
+  server.server_close()
+
+
+def uri_of(where, fmt, ckdir, gcs_root, http_root=None):
   rel = FORMATS[fmt][0]
-  return {"path": str(ckdir / rel), "file": f"file://{ckdir / rel}", "gs": f"{gcs_root}/{rel}"}[where]
+  return {"path": str(ckdir / rel), "file": f"file://{ckdir / rel}", "gs": f"{gcs_root}/{rel}",
+          "http": f"{http_root}/{rel}"}[where]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Round trips: every format, every location, identical parameters and logits.
 
 
-@pytest.mark.parametrize("where", ["path", "file", "gs"])
+@pytest.mark.parametrize("where", ["path", "file", "gs", "http"])
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_every_format_and_location_gives_identical_logits(fmt, where, params, ckdir, gcs_ckpts, batch, reference):
-  uri = uri_of(where, fmt, ckdir, gcs_ckpts)
+def test_every_format_and_location_gives_identical_logits(fmt, where, params, ckdir, gcs_ckpts, http_root, batch,
+                                                          reference):
+  uri = uri_of(where, fmt, ckdir, gcs_ckpts, http_root)
   model = load(uri, dtype="float32")
   assert model.config == CFG and model.info.uri == uri
   assert model.info.format == (C.FORMAT_HF if fmt.startswith("hf") else C.FORMAT_NPZ)
