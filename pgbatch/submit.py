@@ -5,13 +5,16 @@ What a submission carries (`ray job submit` semantics):
   glob the spec names (rewritten to their copies). Not the whole cwd. Absolute paths and URLs
   (gs://, s3://) are left alone: they must resolve on the cluster (object storage or a shared mount).
 - runtime_env, by `--env`:
-  - `image` (KubeRay default): nothing shipped; the container image has pgbatch and its dependencies.
+  - `image` (with the infra/ manifests): nothing shipped; the container image has pgbatch and its dependencies.
   - `pip`: the pgbatch wheel built from this install (shipped in the working dir) + its dependencies
     pinned to the versions installed here, pip-installed in the job's virtualenv; for clusters whose
     image lacks pgbatch. Ray itself is never pinned (the cluster's Ray is inherited).
   - `local` (development): the pgbatch source folder as a `py_modules` entry; the cluster already has
     the dependencies (e.g. the image of the previous release). Takes precedence over an installed pgbatch.
+  Every `PGBATCH__…` variable of the submitting shell goes along (`env_vars`), so the spec that runs is
+  the spec validated here (`pgbatch.config` reads them as field overrides).
 - entrypoint: `python -m pgbatch.cli run job.yaml [--set k=v …]` with JAX on CPU in the driver.
+The spec is validated here first (with the overrides and environment), so a typo fails before any upload.
 """
 from __future__ import annotations
 
@@ -157,6 +160,12 @@ def runtime_env(mode: str, working_dir: str, wheel_dir: str | None = None, env_v
   return env
 
 
+def forwarded_env(environ=None) -> dict:
+  """The `PGBATCH__…` field overrides of this shell (see `pgbatch.config`), for the job's environment."""
+  environ = os.environ if environ is None else environ
+  return {k: v for k, v in environ.items() if k.upper().startswith("PGBATCH__")}
+
+
 def entrypoint(overrides: Iterable[str] = ()) -> str:
   sets = "".join(f" --set {shlex.quote(o)}" for o in overrides)
   return f"JAX_PLATFORMS=cpu python -m pgbatch.cli run {JOB_FILE}{sets}"
@@ -190,6 +199,7 @@ def submit(job_path: str, address: str | None = None, overrides: Iterable[str] =
   """Validate, stage and submit `job_path`; returns the Ray job id."""
   overrides = list(overrides)
   validate_locally(job_path, overrides)
+  env_vars = {**forwarded_env(), **(env_vars or {})}
   with tempfile.TemporaryDirectory(prefix="pgbatch-submit-") as tmp:
     work = os.path.join(tmp, "working_dir")
     stage_working_dir(job_path, work)

@@ -241,8 +241,10 @@ def test_submit_runs_job_and_parquet_appears(ray_head, tiny_job):
   assert table.column("shard").to_pylist()[0].endswith("tiny-00000.tar")
 
 
-def test_failed_job_is_reported(ray_head, tmp_path):
-  """`--env local` (this source folder); the spec is fine here, but its input is not on the cluster."""
+def test_failed_job_is_reported(ray_head, tmp_path, monkeypatch):
+  """`--env local` (this source folder); the spec is fine here, but its input is not on the cluster. The input
+  comes from a PGBATCH__ override in this shell, which must reach the cluster."""
+  monkeypatch.setenv("PGBATCH__INPUT__URI", "missing-by-env/*.tar")
   job = tmp_path / "job.yaml"
   spec = {"name": "no-input", "input": {"uri": "missing/*.tar"}, "output": {"uri": str(tmp_path / "out")},
           "model": {"checkpoint": "gs://b/ckpt.npz", "tokenizer": "gs://b/tok.model", "variant": "tiny-pg2"},
@@ -252,7 +254,7 @@ def test_failed_job_is_reported(ray_head, tmp_path):
   status = _pgbatch("status", job_id, "--address", ray_head, "--wait", check=False)
   logs = _pgbatch("status", job_id, "--address", ray_head, "--logs", check=False).stdout
   assert status.returncode == 1 and f"{job_id}\tFAILED" in status.stdout, status.stdout + status.stderr + logs
-  assert "no input to process" in logs  # pgbatch ran on the cluster and said why
+  assert "no input to process" in logs and "missing-by-env/*.tar" in logs  # pgbatch ran there and said why
   assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
 
 
