@@ -533,6 +533,60 @@ def plan_info(spec) -> dict:
           "tokenizer_digest": tok.digest}
 
 
+class ShardBuffer:
+  """Driver side: collects rows per shard until all `_shard_rows` rows of a shard arrived.
+
+  `add(table)` returns the shards it completed, as (shard id, table with every row of the shard). A shard that
+  gets more rows than were read, or rows after it completed, goes to `broken` and is never returned (a rerun
+  redoes it): nothing is written twice.
+  """
+
+  def __init__(self):
+    self.pending: dict[str, list[pa.Table]] = {}
+    self.counts: dict[str, int] = {}
+    self.complete: list[str] = []
+    self.broken: dict[str, str] = {}
+
+  def add(self, table: pa.Table) -> list[tuple[str, pa.Table]]:
+    out = []
+    for shard_id, part in _group_by_shard(table).items():
+      if shard_id in self.broken:
+        continue
+      if shard_id in self.complete:
+        self._break(shard_id, "rows arrived after the shard was complete")
+        continue
+      self.pending.setdefault(shard_id, []).append(part)
+      self.counts[shard_id] = self.counts.get(shard_id, 0) + part.num_rows
+      expected = int(part.column(SHARD_ROWS)[0].as_py())
+      if self.counts[shard_id] > expected:
+        self._break(shard_id, f"{self.counts[shard_id]} rows arrived for {expected} read")
+      elif self.counts[shard_id] == expected:
+        self.complete.append(shard_id)
+        out.append((shard_id, pa.concat_tables(self.pending.pop(shard_id))))
+    return out
+
+  def _break(self, shard_id: str, why: str) -> None:
+    log.error("shard %s: %s; not written", shard_id, why)
+    self.broken[shard_id] = why
+    self.pending.pop(shard_id, None)
+
+
+def commit_with_retry(sink, shard_id: str, table: pa.Table, stats: dict, attempts: int = 3,
+                      backoff_s: float = 2.0) -> str:
+  """Sink.commit_shard with retries (object stores have transient errors); a data error is not retried."""
+  for attempt in range(attempts):
+    try:
+      return sink.commit_shard(shard_id, table, stats)
+    except (ValueError, TypeError, pa.ArrowInvalid):
+      raise
+    except Exception as e:  # noqa: BLE001 - I/O of any fsspec backend
+      if attempt == attempts - 1:
+        raise
+      log.warning("commit of %s failed (attempt %d/%d): %r", shard_id, attempt + 1, attempts, e)
+      time.sleep(backoff_s * 2 ** attempt)
+  raise AssertionError("unreachable")
+
+
 def pc_min(col) -> float:
   import pyarrow.compute as pc
   v = pc.min(col).as_py()
@@ -621,45 +675,41 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
   items = [{"id": s.id, "uris": list(s.uris)} for s in todo]
   ds = build_dataset(spec, items, info, provenance, inherited_env=inherited)
   bar = Progress(len(todo), enabled=progress, stream=stream)
-  pending: dict[str, list[pa.Table]] = {}
-  counts: dict[str, int] = {}
-  done: set[str] = set()
+  shards_buf = ShardBuffer()
+  committed_ids: set[str] = set()
   try:
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
-      for shard_id, part in _group_by_shard(batch).items():
-        if shard_id in done:
-          raise RuntimeError(f"shard {shard_id}: rows arrived after it was committed")
-        pending.setdefault(shard_id, []).append(part)
-        counts[shard_id] = counts.get(shard_id, 0) + part.num_rows
-        expected = int(part.column(SHARD_ROWS)[0].as_py())
-        bar.update(images=part.num_rows)
-        if counts[shard_id] > expected:
-          raise RuntimeError(f"shard {shard_id}: {counts[shard_id]} rows for {expected} expected")
-        if counts[shard_id] == expected:
-          table = pa.concat_tables(pending.pop(shard_id))
-          read_at = pc_min(table.column(READ_AT))
-          table = table.drop_columns(list(INTERNAL))
-          stats = {"job": spec.name, "run_id": run_id, "seconds": round(time.time() - read_at, 3),
-                   "model_variant": info["model_variant"], "checkpoint_digest": info["checkpoint_digest"]}
-          uri = sink.commit_shard(shard_id, table, stats)
-          done.add(shard_id)
-          st = table.column("status").to_pylist()
-          summary.ok += st.count("ok")
-          summary.error += st.count("error")
-          summary.filtered += st.count("filtered")
-          summary.images += len(st)
-          summary.shards_committed += 1
-          summary.files.append(uri)
-          bar.update(shards=1, done_images=len(st))
-          log.info("committed %s (%d rows) at %.1f s", uri, len(st), time.monotonic() - start)
+      bar.update(images=batch.num_rows)
+      for shard_id, table in shards_buf.add(batch):
+        read_at = pc_min(table.column(READ_AT))
+        table = table.drop_columns(list(INTERNAL))
+        stats = {"job": spec.name, "run_id": run_id, "seconds": round(time.time() - read_at, 3),
+                 "model_variant": info["model_variant"], "checkpoint_digest": info["checkpoint_digest"]}
+        try:
+          uri = commit_with_retry(sink, shard_id, table, stats)
+        except Exception as e:  # noqa: BLE001 - this shard stays uncommitted; the others go on
+          shards_buf.broken[shard_id] = f"commit failed: {type(e).__name__}: {e}"
+          log.exception("shard %s: commit failed", shard_id)
+          continue
+        committed_ids.add(shard_id)
+        st = table.column("status").to_pylist()
+        summary.ok += st.count("ok")
+        summary.error += st.count("error")
+        summary.filtered += st.count("filtered")
+        summary.images += len(st)
+        summary.shards_committed += 1
+        summary.files.append(uri)
+        bar.update(shards=1, done_images=len(st))
+        log.info("committed %s (%d rows) at %.1f s", uri, len(st), time.monotonic() - start)
   except Exception as e:  # noqa: BLE001 - committed shards stay; the rest is redone by a rerun
     log.exception("pipeline failed")
     summary.failure = f"{type(e).__name__}: {e}"
   finally:
     bar.close()
-  summary.shards_failed = [s.id for s in todo if s.id not in done]
+  summary.shards_failed = [s.id for s in todo if s.id not in committed_ids]
   if summary.shards_failed and summary.failure is None:
-    summary.failure = f"{len(summary.shards_failed)} shard(s) incomplete"
+    reasons = "; ".join(f"{k}: {v}" for k, v in list(shards_buf.broken.items())[:3])
+    summary.failure = f"{len(summary.shards_failed)} shard(s) not written" + (f" ({reasons})" if reasons else "")
   summary.seconds = time.monotonic() - start
   return summary
 

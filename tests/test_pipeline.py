@@ -214,3 +214,47 @@ def test_question_fields_come_from_columns_or_the_json_sidecar():
   assert pipeline.question_fields('{"json": {"question": "a?"}, "txt": "t"}')["question"] == "a?"
   assert pipeline.question_fields('{"question": "col", "json": {"question": "side"}}')["question"] == "col"
   assert pipeline.question_fields(None) == {} and pipeline.question_fields("not json") == {}
+
+
+def _part(shard: str, keys: list[str], expected: int) -> pa.Table:
+  n = len(keys)
+  return pa.table({"key": keys, "shard": [shard] * n, "status": ["ok"] * n,
+                   pipeline.SHARD_ROWS: pa.array([expected] * n, pa.int64()),
+                   pipeline.READ_AT: pa.array([1.0] * n, pa.float64())})
+
+
+def test_shard_buffer_releases_a_shard_when_all_its_rows_arrived():
+  buf = pipeline.ShardBuffer()
+  assert buf.add(pa.concat_tables([_part("a", ["a1", "a2"], 3), _part("b", ["b1"], 2)])) == []
+  (done,) = buf.add(pa.concat_tables([_part("b", ["b2"], 2), _part("c", ["c1"], 4)]))
+  assert done[0] == "b" and sorted(done[1].column("key").to_pylist()) == ["b1", "b2"]
+  (done,) = buf.add(_part("a", ["a3"], 3))
+  assert done[0] == "a" and done[1].num_rows == 3
+  # more rows than were read, or rows after completion: never released, reported as broken
+  assert buf.add(_part("c", ["c2", "c3", "c4", "c5"], 4)) == [] and "5 rows arrived for 4" in buf.broken["c"]
+  assert buf.add(_part("c", ["c6"], 4)) == []
+  assert buf.add(_part("a", ["a4"], 3)) == [] and "after the shard was complete" in buf.broken["a"]
+  assert buf.complete == ["b", "a"]
+
+
+def test_commit_retries_io_errors_but_not_data_errors():
+  class FlakySink:
+    def __init__(self, failures, exc):
+      self.failures, self.exc, self.calls = failures, exc, 0
+
+    def commit_shard(self, shard_id, table, stats):
+      self.calls += 1
+      if self.calls <= self.failures:
+        raise self.exc
+      return f"gs://b/{shard_id}.parquet"
+
+  s = FlakySink(2, OSError("503 backend error"))
+  assert pipeline.commit_with_retry(s, "x", None, {}, backoff_s=0) == "gs://b/x.parquet" and s.calls == 3
+  s = FlakySink(5, OSError("503"))
+  with pytest.raises(OSError):
+    pipeline.commit_with_retry(s, "x", None, {}, attempts=3, backoff_s=0)
+  assert s.calls == 3
+  s = FlakySink(1, ValueError("column 'key' has nulls"))
+  with pytest.raises(ValueError):
+    pipeline.commit_with_retry(s, "x", None, {}, backoff_s=0)
+  assert s.calls == 1
