@@ -250,11 +250,14 @@ def test_failed_job_is_reported(ray_head, tmp_path, monkeypatch):
           "model": {"checkpoint": "gs://b/ckpt.npz", "tokenizer": "gs://b/tok.model", "variant": "tiny-pg2"},
           "tasks": [{"name": "caption_en", "kind": "caption", "lang": "en"}]}
   job.write_text(yaml.safe_dump(spec))
-  job_id = _pgbatch("submit", str(job), "--address", ray_head, "--env", "local").stdout.strip().splitlines()[-1]
-  status = _pgbatch("status", job_id, "--address", ray_head, "--wait", check=False)
+  run = _pgbatch("submit", str(job), "--address", ray_head, "--env", "local", "--follow", check=False)
+  job_id = run.stdout.splitlines()[0]  # the id first, then the streamed logs
+  assert run.returncode == 1 and f"{job_id}: FAILED" in run.stderr, run.stdout + run.stderr
+  assert "no input to process" in run.stdout and "missing-by-env/*.tar" in run.stdout  # pgbatch ran there, said why
+  status = _pgbatch("status", job_id, "--address", ray_head, check=False)
   logs = _pgbatch("status", job_id, "--address", ray_head, "--logs", check=False).stdout
-  assert status.returncode == 1 and f"{job_id}\tFAILED" in status.stdout, status.stdout + status.stderr + logs
-  assert "no input to process" in logs and "missing-by-env/*.tar" in logs  # pgbatch ran there and said why
+  assert status.returncode == 1 and status.stdout.startswith(f"{job_id}\tFAILED"), status.stdout + logs
+  assert "missing-by-env/*.tar" in logs
   assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
 
 
