@@ -39,7 +39,7 @@ FORMAT_NPZ = "big_vision_npz"
 FORMAT_HF = "hf_safetensors"
 _READ_CHUNK = 16 << 20     # bytes per local read: the fixed host-memory overhead of streaming (plus one fsspec block)
 _REMOTE_REQUEST = 16 << 20  # bytes per ranged request on object stores
-_REMOTE_CONCURRENCY = 4    # ranged requests in flight (one 64 MiB window)
+_REMOTE_CONCURRENCY = int(os.environ.get("PGBATCH_CKPT_CONCURRENCY", "4"))  # ranged requests in flight (64 MiB)
 _BLOCK_SIZE = 1 << 20      # fsspec read-ahead block: small, so header reads do not pull whole blocks of tensors
 _NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamps: identical params give identical files
 
