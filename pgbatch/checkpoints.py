@@ -862,7 +862,7 @@ def _resolve(uri: str):
 def _info(fs, path):
   try:
     return fs.info(path)
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):
     return None
 
 
