@@ -182,6 +182,11 @@ def run_demo(workdir=DEFAULT_WORKDIR, progress: bool = True, out=None) -> int:
   for f in summary.files:
     say(f"  parquet: {f}")
   say(f"  manifest: {root / 'output' / '_manifest'}")
+  if summary.files:
+    from pgbatch import inspect
+    say("")
+    say(inspect.format_report(inspect.summarize(str(root / "output"), rows=2)))
+    say("")
   say(f"inspect it: pgbatch inspect {root / 'output'}")
   say(f"query it:   duckdb -c \"SELECT key, status, caption_en.text FROM '{root / 'output'}/*.parquet'\"")
   if not summary.success:

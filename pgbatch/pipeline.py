@@ -84,46 +84,69 @@ class Summary:
 
 
 class Progress:
-  """One status line on stderr: images, images/s, shards done, ETA. Redrawn in place on a TTY; on other
-  streams a line at most every `every_s` seconds."""
+  """One status line on stderr: images, images/s, shards done, ETA. On a TTY it is redrawn in place (also
+  every second from a ticker thread, so startup shows as elapsed time); on other streams a line at most every
+  `every_s` seconds."""
 
-  def __init__(self, shards: int, enabled: bool = True, stream=None, every_s: float = 30.0):
+  def __init__(self, shards: int, enabled: bool = True, stream=None, every_s: float = 30.0, tick_s: float = 1.0,
+               started: Optional[float] = None):
     self.stream = stream or sys.stderr
     self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
     self.enabled, self.every_s = enabled, every_s
     self.shards, self.done_shards, self.images, self.done_images = shards, 0, 0, 0
-    self.start = self.last = time.monotonic()
+    self.start = self.last = started or time.monotonic()   # time.monotonic() of the run's start
+    self.first_at: Optional[float] = None
+    self._lock = threading.Lock()
+    self._closed = threading.Event()
+    if enabled and self.tty and tick_s > 0:
+      threading.Thread(target=self._tick, args=(tick_s,), name="pgbatch-progress", daemon=True).start()
+
+  def _tick(self, tick_s: float) -> None:
+    while not self._closed.wait(tick_s):
+      self._draw(time.monotonic())
 
   def update(self, images: int = 0, shards: int = 0, done_images: int = 0) -> None:
-    self.images += images
-    self.done_shards += shards
-    self.done_images += done_images
     now = time.monotonic()
-    if not self.enabled or (not self.tty and now - self.last < self.every_s) or (self.tty and now - self.last < 0.2
-                                                                                    and not shards):
+    with self._lock:
+      if images and self.first_at is None:
+        self.first_at = now
+      self.images += images
+      self.done_shards += shards
+      self.done_images += done_images
+    if not self.enabled or (not self.tty and now - self.last < self.every_s):
       return
-    self.last = now
-    self.stream.write(("\r" if self.tty else "") + self.text(now) + ("\x1b[K" if self.tty else "\n"))
-    self.stream.flush()
+    self._draw(now)
+
+  def _draw(self, now: float) -> None:
+    with self._lock:
+      if self._closed.is_set():
+        return
+      self.last = now
+      self.stream.write(("\r" if self.tty else "") + self.text(now) + ("\x1b[K" if self.tty else "\n"))
+      self.stream.flush()
 
   def text(self, now: float | None = None) -> str:
-    elapsed = max((now or time.monotonic()) - self.start, 1e-9)
-    rate = self.images / elapsed
-    width = 24
+    now = now or time.monotonic()
+    elapsed = max(now - self.start, 1e-9)
+    if self.first_at is None:
+      return f"[{'-' * 24}] 0/{self.shards} shards  starting workers, loading the model …  elapsed {_fmt_s(elapsed)}"
+    # the rate counts from the first result, so startup (Ray, model load, compile) does not dilute it
+    rate = self.images / max(now - self.first_at, 1.0)
     frac = self.done_shards / self.shards if self.shards else 1.0
-    bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+    bar = "#" * int(frac * 24) + "-" * (24 - int(frac * 24))
     eta = "?"
     if self.done_shards and self.done_images and rate > 0:
-      per_shard = self.done_images / self.done_shards
-      left = max(per_shard * self.shards - self.images, 0)
+      left = max(self.done_images / self.done_shards * self.shards - self.images, 0)
       eta = _fmt_s(left / rate)
     return (f"[{bar}] {self.done_shards}/{self.shards} shards  {self.images} images  {rate:.2f} img/s  "
             f"ETA {eta}  elapsed {_fmt_s(elapsed)}")
 
   def close(self) -> None:
-    if self.enabled and self.tty:
-      self.stream.write("\r" + self.text() + "\x1b[K\n")
+    if self.enabled and self.tty and not self._closed.is_set():
+      self._draw(time.monotonic())
+      self.stream.write("\n")
       self.stream.flush()
+    self._closed.set()
 
 
 def _fmt_s(s: float) -> str:
@@ -674,7 +697,7 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
   logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours
   items = [{"id": s.id, "uris": list(s.uris)} for s in todo]
   ds = build_dataset(spec, items, info, provenance, inherited_env=inherited)
-  bar = Progress(len(todo), enabled=progress, stream=stream)
+  bar = Progress(len(todo), enabled=progress, stream=stream, started=start)
   shards_buf = ShardBuffer()
   committed_ids: set[str] = set()
   try:

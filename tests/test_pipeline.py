@@ -138,7 +138,8 @@ def test_progress_line_shows_rate_and_eta():
     def isatty(self):
       return True
   out = Tty()
-  p = pipeline.Progress(shards=4, stream=out)
+  p = pipeline.Progress(shards=4, stream=out, tick_s=0)
+  assert "0/4 shards  starting workers" in p.text()
   p.update(images=10)
   p.update(shards=1, done_images=10)
   p.close()
