@@ -345,8 +345,8 @@ def resolve_paths(tree: dict, base: Optional[Path]) -> dict:
   return tree
 
 
-def from_dict(tree: Any, source: str = "<dict>", overrides: Iterable[str] = (),
-              environ: Optional[Mapping[str, str]] = None, base: Optional[Path] = None) -> JobSpec:
+def from_dict(tree: Any, overrides: Iterable[str] = (), environ: Optional[Mapping[str, str]] = None, *,
+              source: str = "<dict>", base: Optional[Path] = None) -> JobSpec:
   """Validates a spec tree with env and `--set` overrides applied; raises JobSpecError."""
   environ = os.environ if environ is None else environ
   if not isinstance(tree, dict):
@@ -391,7 +391,7 @@ def load(path: str, overrides: Iterable[str] = (), environ: Optional[Mapping[str
     tree = yaml.safe_load(text)
   except yaml.YAMLError as e:
     raise JobSpecError(path, [("", f"not valid YAML: {e}")]) from None
-  return from_dict(tree, path, overrides, environ, base)
+  return from_dict(tree, overrides, environ, source=path, base=base)
 
 
 load_job = load

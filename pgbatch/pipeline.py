@@ -523,11 +523,32 @@ def ensure_ray(accelerator: str = "cpu", num_cpus: Optional[int] = None) -> bool
   kwargs = dict(address=address, include_dashboard=False, logging_level=logging.WARNING,
                 configure_logging=True, log_to_driver=True)
   if address == "local":
-    kwargs["num_cpus"] = num_cpus or os.cpu_count()
+    # at least 2 logical CPUs: the annotate actor takes 1, the CPU stages share the other
+    kwargs["num_cpus"] = num_cpus or max(os.cpu_count() or 1, 2)
     if accelerator == "cpu":  # every stage wants JAX on the CPU: workers inherit it, no per-stage env needed
       os.environ.setdefault("JAX_PLATFORMS", "cpu")
   ray.init(**kwargs)
   return address == "local"
+
+
+class ResourceError(RuntimeError):
+  """The local Ray cannot host the job's actors (it would wait for them until wait_for_actors_s)."""
+
+
+def check_local_resources(spec, available: dict) -> None:
+  """For a local Ray started here: fail at once when the annotate actors cannot all be placed."""
+  res = spec.resources
+  need = {"CPU": res.actors * res.num_cpus + 2 * res.cpu_stage_cpus}
+  if res.accelerator == "gpu":
+    need["GPU"] = res.actors * res.chips_per_actor
+  elif res.accelerator == "tpu":
+    need["TPU"] = res.actors * res.chips_per_actor
+  short = {k: (v, float(available.get(k, 0))) for k, v in need.items() if float(available.get(k, 0)) + 1e-9 < v}
+  if short:
+    what = ", ".join(f"{k}: needs {v:g}, this machine has {a:g}" for k, (v, a) in short.items())
+    raise ResourceError(f"resources: the local Ray cannot place {res.actors} {res.accelerator} annotate actor(s) "
+                        f"({what}); lower resources.actors / chips_per_actor / num_cpus, or run on a cluster "
+                        "(RAY_ADDRESS)")
 
 
 def _runtime_env(env: dict, inherited: bool) -> Optional[dict]:
@@ -537,6 +558,11 @@ def _runtime_env(env: dict, inherited: bool) -> Optional[dict]:
       "env_vars"}:
     return None
   return env
+
+
+def ray_resources() -> dict:
+  import ray
+  return ray.cluster_resources()
 
 
 def plan_info(spec) -> dict:
@@ -688,6 +714,8 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
   log.info("%d shard(s) to do, %d already committed; model %s", len(todo), summary.shards_skipped,
            info["model_variant"])
   inherited = ensure_ray(spec.resources.accelerator)
+  if inherited:
+    check_local_resources(spec, ray_resources())
   log.info("ray ready after %.1f s", time.monotonic() - start)
   import ray
   ctx = ray.data.DataContext.get_current()
@@ -764,6 +792,9 @@ def main_run(args) -> int:
     return 2
   except (CheckpointError, TokenizerError, FileNotFoundError) as e:
     print(f"pgbatch run: {spec.name}: cannot load the model: {e}", file=sys.stderr)
+    return 2
+  except ResourceError as e:
+    print(f"pgbatch run: {spec.name}: {e}", file=sys.stderr)
     return 2
   print(summary.line())
   if not summary.success:

@@ -259,3 +259,15 @@ def test_commit_retries_io_errors_but_not_data_errors():
   with pytest.raises(ValueError):
     pipeline.commit_with_retry(s, "x", None, {}, backoff_s=0)
   assert s.calls == 1
+
+
+def test_local_resources_checked_before_waiting_for_actors():
+  spec = config.from_dict(H.job("r", "a", "b", "c", "d"), environ={})
+  pipeline.check_local_resources(spec, {"CPU": 2.0})
+  with pytest.raises(pipeline.ResourceError, match="needs 4.5, this machine has 2"):
+    pipeline.check_local_resources(config.from_dict(H.job("r", "a", "b", "c", "d"), overrides=["resources.actors=4"],
+                                                    environ={}), {"CPU": 2.0})
+  gpu = config.from_dict(H.job("r", "a", "b", "c", "d"), overrides=["resources.accelerator=gpu"], environ={})
+  with pytest.raises(pipeline.ResourceError, match="GPU: needs 1, this machine has 0"):
+    pipeline.check_local_resources(gpu, {"CPU": 16.0})
+  pipeline.check_local_resources(gpu, {"CPU": 16.0, "GPU": 1.0})
