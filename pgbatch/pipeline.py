@@ -620,6 +620,13 @@ class ShardBuffer:
     self.pending.pop(shard_id, None)
 
 
+def short_error(e: BaseException, limit: int = 500) -> str:
+  """`Type: message` with a remote traceback (Ray task errors carry one) reduced to its last line."""
+  lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+  text = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+  return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def commit_with_retry(sink, shard_id: str, table: pa.Table, stats: dict, attempts: int = 3,
                       backoff_s: float = 2.0) -> str:
   """Sink.commit_shard with retries (object stores have transient errors); a data error is not retried."""
@@ -754,7 +761,7 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
         log.info("committed %s (%d rows) at %.1f s", uri, len(st), time.monotonic() - start)
   except Exception as e:  # noqa: BLE001 - committed shards stay; the rest is redone by a rerun
     log.exception("pipeline failed")
-    summary.failure = f"{type(e).__name__}: {e}"
+    summary.failure = short_error(e)
   finally:
     bar.close()
   summary.shards_failed = [s.id for s in todo if s.id not in committed_ids]
