@@ -244,10 +244,10 @@ def write_random_checkpoint(uri: str, cfg: PaliGemmaConfig, fmt: str = "npz", dt
   from pgbatch import checkpoints
   dtype = np.dtype(jnp.dtype(dtype))
   if fmt == "npz":
-    checkpoints._write_npz_stream(_random_tensors(cfg, dtype), uri)  # pylint: disable=protected-access
+    checkpoints.write_npz_stream(_random_tensors(cfg, dtype), uri)
   else:
     shapes = {k: (s, dtype) for k, s in configs.param_shapes(cfg).items()}
-    checkpoints._write_hf_stream(_random_tensors(cfg, dtype), shapes, cfg, uri,  # pylint: disable=protected-access
+    checkpoints.write_hf_stream(_random_tensors(cfg, dtype), shapes, cfg, uri,
                                  max_shard_bytes=2 << 30)
 
 

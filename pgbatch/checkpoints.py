@@ -433,7 +433,8 @@ def _is_local(fs) -> bool:
   return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def _write_npz_stream(items: Iterable[tuple[str, np.ndarray]], uri: str) -> None:
+def write_npz_stream(items: Iterable[tuple[str, np.ndarray]], uri: str) -> None:
+  """Writes (name, array) pairs arriving one at a time as a big_vision .npz at any fsspec URL (bf16 as |V2)."""
   fs, path = fsspec.core.url_to_fs(uri)
   fs.makedirs(os.path.dirname(path) or ".", exist_ok=True) if _is_local(fs) else None
   with fs.open(path, "wb") as raw:
@@ -449,7 +450,7 @@ def _write_npz_stream(items: Iterable[tuple[str, np.ndarray]], uri: str) -> None
 
 def write_npz(flat_params: Mapping[str, np.ndarray], uri: str) -> None:
   """Writes a big_vision .npz (flat `/` names, bf16 stored as |V2 like big_vision) to any fsspec URL."""
-  _write_npz_stream(sorted(flat_params.items()), uri)
+  write_npz_stream(sorted(flat_params.items()), uri)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1115,7 +1116,7 @@ def _hf_layout(cfg, shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]]):
   return out
 
 
-def _write_hf_stream(items: Iterable[tuple[str, np.ndarray]], shapes, cfg, dir_uri: str,
+def write_hf_stream(items: Iterable[tuple[str, np.ndarray]], shapes, cfg, dir_uri: str,
                      max_shard_bytes: Optional[int] = None) -> None:
   """Writes tensors arriving one at a time in the order of `shapes` (name → (shape, dtype)) as HF safetensors."""
   check = Checkpoint(CheckpointInfo(dir_uri, "params", "", ()), cfg, dict(shapes), None)
@@ -1176,7 +1177,7 @@ def write_hf(flat_params: Mapping[str, np.ndarray], cfg: configs.PaliGemmaConfig
   Legacy hub key spelling; embeddings padded to 257216 rows (zeros) like the HF converters; lm_head tied."""
   names = sorted(flat_params)
   shapes = {k: (tuple(flat_params[k].shape), flat_params[k].dtype) for k in names}
-  _write_hf_stream(((k, flat_params[k]) for k in names), shapes, cfg, dir_uri, max_shard_bytes)
+  write_hf_stream(((k, flat_params[k]) for k in names), shapes, cfg, dir_uri, max_shard_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1199,9 +1200,9 @@ def main_convert(args) -> int:
     shapes = ck.names_and_shapes()
     nbytes = sum(math.prod(s) * d.itemsize for s, d in shapes.values())
     if args.dst.rstrip("/").endswith(".npz"):
-      _write_npz_stream(ck.tensors(), args.dst)
+      write_npz_stream(ck.tensors(), args.dst)
     else:
-      _write_hf_stream(ck.tensors(), shapes, ck.config, args.dst, args.max_shard_bytes)
+      write_hf_stream(ck.tensors(), shapes, ck.config, args.dst, args.max_shard_bytes)
   except CheckpointError as e:
     print(f"pgbatch convert: {e}", file=sys.stderr)
     return 1
