@@ -267,7 +267,8 @@ class _RssPeak:
     self.sampled = self.before
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._sample, daemon=True)
-    self._thread.start()
+    if self.method == "sampled":
+      self._thread.start()
     return self
 
   def _sample(self):
@@ -276,7 +277,8 @@ class _RssPeak:
 
   def __exit__(self, *_):
     self._stop.set()
-    self._thread.join()
+    if self._thread.is_alive():
+      self._thread.join()
     self.after = _rss()
     if self.method == "VmHWM":
       self.peak = max(_status_kb("VmHWM") * 1024, self.sampled)
