@@ -7,6 +7,7 @@ handful of programs. Each image is encoded by SigLIP once and its tokens reused 
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from typing import Mapping, Sequence
 
@@ -36,7 +37,10 @@ def batch_buckets(batch_size: int, multiple: int = 1) -> list[int]:
 
 
 class Engine:
-  """Greedy annotation of image batches: `annotate(images, prompts_per_task, max_new_tokens_per_task)`."""
+  """Greedy annotation of image batches: `annotate(images, prompts_per_task, max_new_tokens_per_task)`.
+
+  Thread-safe: two threads may annotate at once, so one batch's host work overlaps the other's device time.
+  """
 
   def __init__(self, model: PaliGemma, batch_size: int = 64, prompt_buckets: Sequence[int] = PROMPT_BUCKETS):
     self.model = model
@@ -44,6 +48,7 @@ class Engine:
     self.prompt_buckets = tuple(prompt_buckets)
     self.buckets = batch_buckets(batch_size, model.data_parallelism)
     self.stats = {"batches": 0, "images": 0, "seconds": 0.0}
+    self._stats_lock = threading.Lock()  # annotate may run on several threads at once (host/device overlap)
 
   @property
   def image_size(self) -> int:
@@ -73,9 +78,10 @@ class Engine:
           self.model.params, zimg, self.model.put_batch(tokens), self.model.put_batch(lengths),
           self.model.put_batch(valid), cfg=self.model.config, max_new_tokens=int(max_new_tokens[task]))
     out = {task: trim_at_eos(np.asarray(tokens)[:b]) for task, (tokens, _) in pending.items()}
-    self.stats["batches"] += 1
-    self.stats["images"] += b
-    self.stats["seconds"] += time.perf_counter() - start
+    with self._stats_lock:
+      self.stats["batches"] += 1
+      self.stats["images"] += b
+      self.stats["seconds"] += time.perf_counter() - start
     return out
 
   def _annotate_in_chunks(self, images, prompts, max_new_tokens):

@@ -36,6 +36,7 @@ T = TypeVar("T")
 
 ACCELERATORS = ("cpu", "gpu", "tpu")
 DEFAULTS = dict(accelerator="cpu", actors=1, chips_per_actor=1, num_cpus=1.0, memory_fraction=0.75,
+                concurrent_batches=None,
                 topology=None, init_retries=3, init_backoff_s=2.0, no_progress_timeout_s=3600.0,
                 wait_for_actors_s=1800.0)
 V5E_CHIPS_PER_HOST = 8
@@ -101,10 +102,23 @@ def chips_per_actor(resources: Any) -> int:
   return host
 
 
+def concurrent_batches(resources: Any) -> int:
+  """Batches one annotate actor works on at once. With 2, the host work of one batch (prompts, padding,
+  parsing, Arrow) overlaps the device running the other; JAX dispatch is thread-safe. Default: 2 on an
+  accelerator, 1 on `cpu` (where host and "device" share the same cores)."""
+  value = field(resources, "concurrent_batches")
+  if value is None:
+    return 1 if accelerator(resources) == "cpu" else 2
+  if int(value) < 1:
+    raise ValueError(f"resources.concurrent_batches must be >= 1, got {value}")
+  return int(value)
+
+
 def annotate_ray_args(resources: Any) -> dict:
   """Keyword arguments for `ds.map_batches(AnnotateActor, **annotate_ray_args(resources))`.
 
-  One actor pool of `actors` actors; each holds `chips_per_actor` accelerators. A crashed actor is
+  One actor pool of `actors` actors; each holds `chips_per_actor` accelerators and runs
+  `concurrent_batches` calls at once (threads sharing one Engine). A crashed actor is
   restarted without limit and its in-flight batch retried: Ray Data's own defaults for actor pools
   (`max_restarts=-1`, `max_task_retries=-1`), which tests/test_infra_placement.py checks for real. They are
   not passed here: Ray 2.60 deprecates `**ray_remote_args` in `map_batches` (removed in 2.64).
@@ -113,7 +127,10 @@ def annotate_ray_args(resources: Any) -> dict:
   acc, chips, actors = accelerator(resources), chips_per_actor(resources), int(field(resources, "actors"))
   if chips < 1 or actors < 1:
     raise ValueError(f"resources.actors and chips_per_actor must be >= 1, got {actors}, {chips}")
-  args = dict(compute=ActorPoolStrategy(size=actors), num_cpus=float(field(resources, "num_cpus")),
+  calls = concurrent_batches(resources)
+  overlap = dict(max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True) if calls > 1 else {}
+  pool = ActorPoolStrategy(size=actors, **overlap)
+  args = dict(compute=pool, num_cpus=float(field(resources, "num_cpus")),
               runtime_env=annotate_env(resources))
   if acc == "gpu":
     args["num_gpus"] = chips

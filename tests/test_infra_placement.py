@@ -30,6 +30,18 @@ def test_tpu_args_from_object():
   assert args["runtime_env"]["env_vars"] == {"PGBATCH_ACCELERATOR": "tpu"}
 
 
+def test_concurrent_batches_overlap_on_accelerators_only():
+  cpu = placement.annotate_ray_args(None)["compute"]
+  assert not cpu.enable_true_multi_threading  # Ray Data's single-threaded default
+  for acc in ("gpu", "tpu"):
+    pool = placement.annotate_ray_args({"accelerator": acc})["compute"]
+    assert pool.max_concurrent_calls_per_actor == 2 and pool.enable_true_multi_threading
+  pool = placement.annotate_ray_args({"accelerator": "gpu", "concurrent_batches": 1})["compute"]
+  assert not pool.enable_true_multi_threading
+  with pytest.raises(ValueError, match="concurrent_batches"):
+    placement.annotate_ray_args({"accelerator": "gpu", "concurrent_batches": 0})
+
+
 def test_map_batches_accepts_args():
   import inspect
   import ray.data

@@ -151,6 +151,20 @@ def test_engine_encodes_once_and_matches_generate(pair, images):
   assert big["a"] == ours.generate(as_float, PROMPTS, 6)
 
 
+def test_engine_is_thread_safe(pair, images):
+  # Annotate actors on accelerators run two batches at once (placement.concurrent_batches): same tokens, stats add up.
+  from concurrent.futures import ThreadPoolExecutor
+  _, ours, _ = pair
+  engine = Engine(ours, batch_size=4)
+  u8 = np.round((images + 1) * 127.5).astype(np.uint8)
+  calls = [(u8[i:i + 2], {"a": PROMPTS[i:i + 2]}) for i in range(0, 6, 2)] * 2
+  serial = [engine.annotate(x, p, {"a": 5}) for x, p in calls]
+  with ThreadPoolExecutor(2) as pool:
+    threaded = list(pool.map(lambda c: engine.annotate(c[0], c[1], {"a": 5}), calls))
+  assert threaded == serial
+  assert engine.stats["batches"] == 2 * len(calls) and engine.stats["images"] == 2 * 12
+
+
 def test_batch_buckets():
   assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
   assert batch_buckets(48, 4) == [4, 8, 16, 32, 48]
