@@ -1,6 +1,7 @@
 """`pgbatch demo`, the README's first command: run as a user would (no arguments, fresh folder, subprocess)."""
 import io
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -50,8 +51,9 @@ def test_pgbatch_demo_end_to_end(tmp_path):
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS", "RAY_ADDRESS")}
   env.update(PYTHONPATH=str(H.ROOT), RAY_AUTH_MODE="disabled")
   start = time.monotonic()
-  p = subprocess.run([sys.executable, "-m", "pgbatch.cli", "demo"], cwd=str(tmp_path), env=env,
-                     capture_output=True, text=True, timeout=600)
+  # the README's command: the `pgbatch` console script of `pip install -e .` (python -m where not installed)
+  cmd = [shutil.which("pgbatch")] if shutil.which("pgbatch") else [sys.executable, "-m", "pgbatch.cli"]
+  p = subprocess.run(cmd + ["demo"], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
   seconds = time.monotonic() - start
   assert p.returncode == 0, p.stdout + p.stderr
   root = tmp_path / "pgbatch-demo"
