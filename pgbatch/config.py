@@ -409,6 +409,8 @@ def register_validate(parser) -> None:
   parser.add_argument("jobs", nargs="+", metavar="JOB.yaml", help="job spec(s) to check")
   add_override_args(parser)
   parser.add_argument("--show", action="store_true", help="print the resolved spec (defaults filled in)")
+  parser.add_argument("--inputs", action="store_true",
+                      help="also list the input shards the glob matches (reads the bucket or folder listing)")
   parser.epilog = ("Spec shape: name, input {uri, format, image_column, key_column, files_per_shard}, "
                    "output {uri}, model {checkpoint, tokenizer, variant, dtype, vae}, tasks [{name, kind, ...}], "
                    "resources {accelerator, actors, chips_per_actor, batch_size, ...}, decode {...}, safety {...}. "
@@ -428,6 +430,16 @@ def main_validate(args) -> int:
     kinds = ", ".join(f"{t.name} ({t.kind})" for t in spec.tasks)
     print(f"{job}: ok — job {spec.name!r}, {spec.input.format} from {spec.input.uri} → {spec.output.uri}; "
           f"tasks: {kinds}; {spec.resources.actors} {spec.resources.accelerator} actor(s)")
+    if getattr(args, "inputs", False):
+      from pgbatch.io import readers
+      try:
+        shards = readers.list_shards(spec.input.uri, spec.input.format, files_per_shard=spec.input.files_per_shard,
+                                     storage_options=dict(spec.input.storage_options) or None)
+      except readers.InputError as e:
+        print(f"{job}: input: {e}", file=sys.stderr)
+        bad += 1
+        continue
+      print(f"  {len(shards)} input shard(s): " + ", ".join(s.id for s in shards[:3]) + (" …" if len(shards) > 3 else ""))
     if args.show:
       print(spec.to_yaml())
   return 1 if bad else 0

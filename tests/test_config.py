@@ -161,3 +161,16 @@ def test_validate_command_reports_the_field_and_fails(tmp_path, capsys):
   (tmp_path / "job.yaml").write_text(yaml.safe_dump(tree))
   assert cli.main(["validate", str(tmp_path / "job.yaml"), "--set", "resources.batch_size=32", "--show"]) == 0
   assert "batch_size: 32" in capsys.readouterr().out
+
+
+def test_validate_inputs_lists_the_shards(tmp_path, capsys):
+  tree = json.loads(json.dumps(BASE))
+  tree["input"]["uri"] = str(tmp_path / "shards" / "*.tar")
+  (tmp_path / "job.yaml").write_text(yaml.safe_dump(tree))
+  assert cli.main(["validate", str(tmp_path / "job.yaml"), "--inputs"]) == 1
+  assert "input:" in capsys.readouterr().err
+  (tmp_path / "shards").mkdir()
+  for i in range(4):
+    (tmp_path / "shards" / f"s-{i}.tar").write_bytes(b"")
+  assert cli.main(["validate", str(tmp_path / "job.yaml"), "--inputs"]) == 0
+  assert "4 input shard(s): " in capsys.readouterr().out
