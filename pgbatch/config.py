@@ -111,7 +111,8 @@ class ResourcesSpec(_Strict):
   batch_size: int = Field(64, ge=1, le=65_536, description="images per annotate batch")
   num_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each annotate actor")
   cpu_stage_cpus: float = Field(0.25, gt=0, le=64, description="CPUs per read/decode task and safety actor")
-  safety_actors: int = Field(1, ge=1, le=10_000, description="most text-safety actors")
+  safety_actors: Optional[int] = Field(None, ge=1, le=10_000,
+                                       description="most text-safety actors (default: 2 per annotate actor)")
   memory_fraction: float = Field(0.75, gt=0, le=1, description="gpu: XLA_PYTHON_CLIENT_MEM_FRACTION")
   topology: Optional[str] = None
   init_retries: int = Field(3, ge=0, le=100)

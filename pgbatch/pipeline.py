@@ -685,7 +685,7 @@ def build_dataset(spec, items: list[dict], info: dict, provenance: dict, inherit
                       **placement.annotate_ray_args(res))
   ds = ds.map_batches(SafetyPost, batch_size=None, batch_format="pyarrow",
                       fn_constructor_kwargs=dict(spec_json=spec_json),
-                      compute=ray.data.ActorPoolStrategy(min_size=1, max_size=res.safety_actors),
+                      compute=ray.data.ActorPoolStrategy(min_size=1, max_size=res.safety_actors or 2 * res.actors),
                       num_cpus=cpu, runtime_env=cpu_env, max_restarts=-1,
                       max_task_retries=-1)
   return ds
