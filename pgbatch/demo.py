@@ -20,7 +20,7 @@ import shutil
 import sys
 import tarfile
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Sequence
 
 DEFAULT_WORKDIR = "pgbatch-demo"
 VARIANT = "tiny-pg2"
