@@ -780,11 +780,15 @@ def register_run(parser) -> None:
   parser.add_argument("job", metavar="JOB.yaml", help="job spec (local path or URL)")
   config.add_override_args(parser)
   parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+  parser.add_argument("-v", "--verbose", action="store_true", help="log each committed shard and the run's phases")
 
 
 def main_run(args) -> int:
   from pgbatch import config
   from pgbatch.io.readers import InputError
+  if getattr(args, "verbose", False):
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pgbatch").setLevel(logging.INFO)
   try:
     spec = config.load(args.job, args.overrides)
   except config.JobSpecError as e:

@@ -31,7 +31,7 @@ def robust(tmp_path_factory):
   out = tmp / "out"
   spec = H.job("robust", str(shards / "*.tar"), str(out) + "/", ckpt, tok, fast_safety=True)
   (tmp / "job.yaml").write_text(yaml.safe_dump(spec))
-  proc = H.run_cli("run", str(tmp / "job.yaml"), "--no-progress")
+  proc = H.run_cli("run", str(tmp / "job.yaml"), "--no-progress", "--verbose")
   entries, tables = H.read_output(str(out))
   rows = [r for t in tables.values() for r in t.to_pylist()]
   yield dict(proc=proc, rows=rows, entries=entries, samples=samples, photos=photos, shards=shards, out=out)
@@ -41,6 +41,7 @@ def test_job_exits_zero_and_commits_every_shard(robust):
   p = robust["proc"]
   assert p.returncode == 0, p.stdout + p.stderr
   assert "pgbatch: robust:" in p.stdout and "in 4/4 shards" in p.stdout
+  assert p.stderr.count("pgbatch.pipeline: committed ") == 4, p.stderr[-3000:]
   assert sorted(e["shard"] for e in robust["entries"]) == sorted(str(x) for x in robust["shards"].glob("*.tar"))
   assert not list(robust["out"].glob("_tmp/*")) and sorted(x.name for x in robust["out"].iterdir()) == sorted(
       ["_manifest"] + [e["name"] for e in robust["entries"]])
