@@ -269,3 +269,26 @@ def test_local_resources_checked_before_waiting_for_actors():
   with pytest.raises(pipeline.ResourceError, match="GPU: needs 1, this machine has 0"):
     pipeline.check_local_resources(gpu, {"CPU": 16.0})
   pipeline.check_local_resources(gpu, {"CPU": 16.0, "GPU": 1.0})
+
+
+def test_model_that_fails_to_load_in_the_actors_fails_the_run_and_writes_nothing(ray_session, tmp_path, capsys):
+  """A checkpoint whose headers read fine but whose data is corrupt (one flipped byte: zip CRC) passes the
+  driver's checks and fails in the annotate actors: the run must end (not hang) with exit 1, a message that
+  names the problem, and no committed shard."""
+  ckpt, tok = H.tiny_model(tmp_path / "model")
+  data = bytearray(open(ckpt, "rb").read())
+  data[len(data) // 2] ^= 0xFF
+  bad = tmp_path / "model" / "corrupt.npz"
+  bad.write_bytes(bytes(data))
+  demo.write_shards(tmp_path / "shards", demo.samples()[:2], shards=1, prefix="f")
+  spec = H.job("fails", str(tmp_path / "shards" / "*.tar"), str(tmp_path / "out") + "/", str(bad), tok,
+               fast_safety=True)
+  spec["resources"].update(init_retries=0, init_backoff_s=0, wait_for_actors_s=120)
+  (tmp_path / "job.yaml").write_text(json.dumps(spec))
+  assert cli.main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 1
+  captured = capsys.readouterr()
+  assert "in 0/1 shards" in captured.out, captured.out
+  assert "1 shard(s) not written" in captured.err and "rerun the same command to resume" in captured.err
+  last = captured.err.strip().splitlines()[-1]
+  assert last.startswith("pgbatch run: fails: ") and "CRC mismatch" in last, captured.err[-2000:]
+  assert not list((tmp_path / "out").glob("*.parquet")) and not list((tmp_path / "out").glob("_manifest/*"))
