@@ -179,6 +179,8 @@ def run_demo(workdir=DEFAULT_WORKDIR, progress: bool = True, out=None) -> int:
   summary = pipeline.run(spec, progress=progress)
   say("")
   say(summary.line() + f"  [model: {CHECKPOINT_NAME}: RANDOM WEIGHTS, outputs are meaningless]")
+  if summary.reasons:
+    say("  " + summary.reasons_line())
   for f in summary.files:
     say(f"  parquet: {f}")
   say(f"  manifest: {root / 'output' / '_manifest'}")

@@ -66,10 +66,19 @@ class Summary:
   seconds: float = 0.0
   files: list = dataclasses.field(default_factory=list)
   failure: Optional[str] = None   # why the run stopped early, if it did
+  reasons: dict = dataclasses.field(default_factory=dict)  # "stage/type" -> error rows written by this run
 
   @property
   def success(self) -> bool:
     return self.failure is None and not self.shards_failed
+
+  def reasons_line(self, top: int = 5) -> str:
+    """`errors: decode/TruncatedImageError 3, read/ReadError 1` (most frequent first), or ""."""
+    if not self.reasons:
+      return ""
+    items = sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    more = f", … ({len(items) - top} more)" if len(items) > top else ""
+    return "errors: " + ", ".join(f"{k} {n}" for k, n in items[:top]) + more
 
   def line(self) -> str:
     rate = self.images / self.seconds if self.seconds > 0 else 0.0
@@ -751,6 +760,10 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
           continue
         committed_ids.add(shard_id)
         st = table.column("status").to_pylist()
+        for s_, e_ in zip(st, table.column("error").to_pylist()):
+          if s_ == "error" and e_:
+            reason = f"{e_.get('stage')}/{e_.get('type')}"
+            summary.reasons[reason] = summary.reasons.get(reason, 0) + 1
         summary.ok += st.count("ok")
         summary.error += st.count("error")
         summary.filtered += st.count("filtered")
@@ -808,6 +821,8 @@ def main_run(args) -> int:
     print(f"pgbatch run: {spec.name}: {e}", file=sys.stderr)
     return 2
   print(summary.line())
+  if summary.reasons:
+    print("  " + summary.reasons_line())
   if not summary.success:
     print(f"pgbatch run: {spec.name}: {summary.failure}; {len(summary.shards_failed)} shard(s) not written "
           "(rerun the same command to resume: committed shards are skipped)", file=sys.stderr)

@@ -62,6 +62,7 @@ def test_every_input_key_exactly_once_per_shard(e2e):
   n = sum(len(v) for v in e2e["inputs"].values())
   s = e2e["summary"]
   assert (s.images, s.ok, s.error, s.filtered) == (n, n - 1, 1, 0)
+  assert list(s.reasons) == ["decode/TruncatedImageError"]
   assert s.shards_total == s.shards_committed == 2 and not s.shards_failed
   assert [e["name"] for e in e2e["entries"]] == sorted(e2e["tables"])
 
@@ -157,6 +158,10 @@ def test_summary_line():
   assert s.success
   assert s.line() == ("pgbatch: j: 10 images (ok 8, error 1, filtered 1) in 2/3 shards, 1 already done, 5.0 s, "
                       "2.00 images/s → gs://b/o/")
+  assert s.reasons_line() == ""
+  s.reasons = {"read/ReadError": 1, "decode/TruncatedImageError": 3, "decode/EmptyImageError": 1}
+  assert s.reasons_line() == "errors: decode/TruncatedImageError 3, decode/EmptyImageError 1, read/ReadError 1"
+  assert s.reasons_line(top=1) == "errors: decode/TruncatedImageError 3, … (2 more)"
   s.shards_failed = ["x"]
   assert not s.success and "1 FAILED" in s.line()
 
