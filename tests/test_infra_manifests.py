@@ -330,7 +330,6 @@ def _image_tag_pattern(accel: str) -> re.Pattern:
 
 def test_images_and_versions_agree():
   ray_pin = constraints()["ray"]
-  assert ray_pin == importlib.metadata.version("ray"), "constraints must pin the Ray the tests (and submit) use"
   for f, cluster in cluster_specs():
     assert cluster["rayVersion"] == ray_pin, f"{f}: rayVersion {cluster['rayVersion']} != ray=={ray_pin}"
     pattern = _image_tag_pattern(accelerator_of(f))
@@ -351,17 +350,15 @@ def constraints() -> dict:
   return pins
 
 
-def test_constraints_pin_every_dependency_at_the_tested_version():
+def test_constraints_pin_every_dependency_within_its_range():
+  """The image installs with infra/constraints.txt; CI installs the newest releases pyproject admits, so the
+  pins must exist and satisfy pyproject's ranges (they are not required to equal what this test process runs)."""
   pins = constraints()
   for text in PROJECT["dependencies"]:
     req = Requirement(text)
     name = canonicalize_name(req.name)
     assert name in pins, f"infra/constraints.txt does not pin {req.name} (a pyproject dependency)"
     assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} violates {req}"
-    assert pins[name] == importlib.metadata.version(req.name), (
-        f"{req.name}: constraints pin {pins[name]}, tests run {importlib.metadata.version(req.name)}")
-  for name, version in pins.items():  # pins beyond pyproject (jaxlib, ...) are the installed ones too
-    assert importlib.metadata.version(name) == version, f"{name}: pinned {version}"
 
 
 def test_pins_are_mutually_consistent_and_jax_variants_exist():
