@@ -192,7 +192,7 @@ def parquet_job(ray_session, tmp_path_factory):
   summary = pipeline.run(spec, progress=False)
   entries, tables = H.read_output(spec.output.uri)
   yield dict(summary=summary, rows=[r for t in tables.values() for r in t.to_pylist()], questions=questions,
-             photos=photos, tables=tables)
+             photos=photos, tables=tables, out=tmp / "out")
 
 
 def test_parquet_input_with_per_image_questions(parquet_job):
@@ -297,3 +297,19 @@ def test_model_that_fails_to_load_in_the_actors_fails_the_run_and_writes_nothing
   last = captured.err.strip().splitlines()[-1]
   assert last.startswith("pgbatch run: fails: ") and "CRC mismatch" in last, captured.err[-2000:]
   assert not list((tmp_path / "out").glob("*.parquet")) and not list((tmp_path / "out").glob("_manifest/*"))
+
+
+def test_inspect_warns_about_files_without_a_manifest_entry(parquet_job, capsys):
+  from pgbatch import inspect
+  stray = parquet_job["out"] / "left-over-0123456789ab.parquet"
+  stray.write_bytes(b"PAR1 from a killed run")
+  try:
+    rep = inspect.summarize(str(parquet_job["out"]))
+    assert rep["rows"] == 4 and rep["status"] == {"ok": 3, "error": 1, "filtered": 0}
+    assert rep["error_reasons"] == {"annotate/PromptError": 1}
+    assert rep["uncommitted_files"] == [str(stray)]
+    assert cli.main(["inspect", str(parquet_job["out"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["uncommitted_files"] == [str(stray)]
+    assert "WARNING: 1 file(s) without a valid manifest entry" in inspect.format_report(rep)
+  finally:
+    stray.unlink()
