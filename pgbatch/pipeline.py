@@ -9,8 +9,10 @@ Driver (this process): list shards → drop shards already committed in the outp
   → map_batches(decode + safety pre)             CPU tasks (fused): pixels uint8 [B, R, R, 3], width, height,
                                                  sha256; image filters may set status filtered/error
   → map_batches(Annotator)                       actor pool per `pgbatch.placement`: the Engine encodes each
-                                                 image once for all tasks; parse → typed task columns
-  → map_batches(SafetyPost)                      CPU actors: text filters, policy, `safety` column
+                                                 image once for all tasks; parse → typed task columns;
+                                                 the full-batch programs compile in a thread at start-up
+  → map_batches(SafetyPost)                      CPU actors: text filters, policy, `safety` column,
+                                                 provenance.safety_filters; models load in a thread
   → driver iter_batches                          rows buffered per shard until all `shard_rows` arrived,
                                                  then `Sink.commit_shard` (atomic; manifest entry)
 
