@@ -113,6 +113,9 @@ class ResourcesSpec(_Strict):
   cpu_stage_cpus: float = Field(0.25, gt=0, le=64, description="CPUs per read/decode task and safety actor")
   safety_actors: Optional[int] = Field(None, ge=1, le=10_000,
                                        description="most text-safety actors (default: 2 per annotate actor)")
+  concurrent_batches: Optional[int] = Field(
+      None, ge=1, le=8, description="batches each annotate actor works on at once (default: 2 on gpu/tpu, so "
+      "the host work of one batch overlaps the device running the other; 1 on cpu)")
   memory_fraction: float = Field(0.75, gt=0, le=1, description="gpu: XLA_PYTHON_CLIENT_MEM_FRACTION")
   topology: Optional[str] = None
   init_retries: int = Field(3, ge=0, le=100)

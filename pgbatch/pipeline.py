@@ -437,6 +437,7 @@ class Annotator:
         "sha256": pa.array([None if s is None else str(s) for s in batch["sha256"]], pa.string()),
         "width": pa.array(widths, pa.int32()),
         "height": pa.array(heights, pa.int32()),
+        "metadata": pa.array([None if m is None else str(m) for m in batch.get("metadata", [None] * n)], pa.string()),
         "status": pa.array(status, pa.string()),
         "error": pa.array([e if s == "error" else None for e, s in zip(errors, status)], schema.ERROR_TYPE),
         "provenance": pa.array([self.provenance] * n, schema.PROVENANCE_TYPE),

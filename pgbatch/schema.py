@@ -68,12 +68,15 @@ SAFETY_TYPE = pa.struct([
 ])
 
 FIXED_FIELDS = [
-    field("key", pa.string(), "sample key within its shard (WebDataset key, Parquet key column or file stem)", False),
+    field("key", pa.string(), "sample key within its shard (WebDataset key, Parquet key column or row number, "
+          "image file name)", False),
     field("source_uri", pa.string(), "URI of the image (shard URI plus member for archives)"),
     field("shard", pa.string(), "URI of the input shard", False),
     field("sha256", pa.string(), "sha256 of the image bytes as read"),
     field("width", pa.int32(), "original image width in pixels (after EXIF orientation)"),
     field("height", pa.int32(), "original image height in pixels (after EXIF orientation)"),
+    field("metadata", pa.string(), "JSON object passed through from the input: WebDataset sidecars by extension "
+          "(.json parsed, .txt/.cls as text), the other columns of a Parquet input; '{}' when none"),
     field("status", pa.string(), "ok | error | filtered", False),
     field("error", ERROR_TYPE, "why the row has status error; null otherwise"),
     field("provenance", PROVENANCE_TYPE, "what produced this row"),

@@ -40,6 +40,10 @@ def test_concurrent_batches_overlap_on_accelerators_only():
   assert not pool.enable_true_multi_threading
   with pytest.raises(ValueError, match="concurrent_batches"):
     placement.annotate_ray_args({"accelerator": "gpu", "concurrent_batches": 0})
+  from pgbatch import config  # the job spec field, checked at load
+  assert placement.concurrent_batches(config.ResourcesSpec(accelerator="tpu", concurrent_batches=3)) == 3
+  with pytest.raises(ValueError, match="concurrent_batches"):
+    config.ResourcesSpec(accelerator="tpu", concurrent_batches=0)
 
 
 def test_map_batches_accepts_args():

@@ -39,7 +39,7 @@ def e2e(gcs, ray_session, tmp_path_factory):
   inputs = {}  # shard uri -> {key: (bytes, ext)}
   for i, row in enumerate(rows):
     uri = f"gs://{bucket}/e2e/shards/photos-{i * 2 // len(rows):05d}.tar"
-    inputs.setdefault(uri, {})[row[0]] = (row[1], row[2])
+    inputs.setdefault(uri, {})[row[0]] = (row[1], row[2], row[3])
   spec = config.from_dict(H.job("e2e", f"gs://{bucket}/e2e/shards/*.tar", f"gs://{bucket}/e2e/out/", ckpt, tok,
                                 tasks=TASKS), environ={})
   summary = pipeline.run(spec, progress=False)
@@ -77,8 +77,9 @@ def test_output_files_are_typed_and_rows_match_their_images(e2e):
     assert (t.schema.metadata or {}).get(schema.META_VERSION) == schema.SCHEMA_VERSION.encode()
     assert t.column("key").to_pylist() == sorted(t.column("key").to_pylist()), "rows sorted by key"
     for row in t.to_pylist():
-      data, ext = e2e["inputs"][row["shard"]][row["key"]]
+      data, ext, sidecar = e2e["inputs"][row["shard"]][row["key"]]
       assert row["source_uri"] == f"{row['shard']}#{row['key']}.{ext}"
+      assert json.loads(row["metadata"])["json"] == sidecar, "the .json sidecar passes through to the output"
       assert row["sha256"] == hashlib.sha256(data).hexdigest()
       prov = row["provenance"]
       assert prov["model_variant"] == "tiny-pg2" and prov["checkpoint_uri"] == spec.model.checkpoint

@@ -91,7 +91,7 @@ def test_output_schema_layout_and_metadata():
   tasks = S.canonical_tasks()
   sch = S.output_schema(tasks)
   assert sch.names == list(S.FIXED_NAMES) + ["caption_en", "ocr", "vqa", "detections", "segments"]
-  assert S.FIXED_NAMES == ("key", "source_uri", "shard", "sha256", "width", "height", "status", "error",
+  assert S.FIXED_NAMES == ("key", "source_uri", "shard", "sha256", "width", "height", "metadata", "status", "error",
                            "provenance", "safety")
   assert sch.field("width").type == pa.int32() and sch.field("status").nullable is False
   assert sch.field("provenance").type.field("started_at").type == pa.timestamp("us", tz="UTC")
@@ -173,7 +173,7 @@ STARTED = datetime.datetime(2026, 12, 1, 3, 0, tzinfo=datetime.timezone.utc)
 def _fixed(key, shard, status, w=640, h=480, error=None, decision="pass"):
   return {
       "key": key, "source_uri": f"{shard}#{key}.jpg", "shard": shard, "sha256": hashlib.sha256(key.encode()).hexdigest(),
-      "width": w, "height": h, "status": status, "error": error,
+      "width": w, "height": h, "metadata": json.dumps({"key": key}), "status": status, "error": error,
       "provenance": {"model_variant": "pg2-3b-224", "checkpoint_uri": "gs://ckpt/pg2.npz",
                      "checkpoint_digest": "sha256:00", "tokenizer_digest": "11", "pgbatch_version": "0.1.0",
                      "job_id": "nightly-20261201", "started_at": STARTED,
