@@ -190,7 +190,8 @@ def run_demo(workdir=DEFAULT_WORKDIR, progress: bool = True, out=None) -> int:
     say(inspect.format_report(inspect.summarize(str(root / "output"), rows=2)))
     say("")
   say(f"inspect it: pgbatch inspect {root / 'output'}")
-  say(f"query it:   duckdb -c \"SELECT key, status, caption_en.text FROM '{root / 'output'}/*.parquet'\"")
+  say(f"query it:   pip install duckdb && python -c \"import duckdb; duckdb.sql(\\\"SELECT key, status, caption_en.text "
+      f"FROM '{root / 'output'}/*.parquet'\\\").show()\"")
   if not summary.success:
     say(f"demo FAILED: {summary.failure}")
     return 1

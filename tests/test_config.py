@@ -174,3 +174,14 @@ def test_validate_inputs_lists_the_shards(tmp_path, capsys):
     (tmp_path / "shards" / f"s-{i}.tar").write_bytes(b"")
   assert cli.main(["validate", str(tmp_path / "job.yaml"), "--inputs"]) == 0
   assert "4 input shard(s): " in capsys.readouterr().out
+
+
+def test_readme_job_example_validates(tmp_path):
+  """The job spec shown in README.md ("Job specs") is a valid job."""
+  import pathlib
+  readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+  start = readme.index("```yaml\nname: nightly-captions") + len("```yaml\n")
+  (tmp_path / "job.yaml").write_text(readme[start:readme.index("```", start)])
+  spec = config.load(str(tmp_path / "job.yaml"), environ={})
+  assert [t.kind for t in spec.tasks] == ["caption", "detect", "ocr", "answer"]
+  assert spec.resources.accelerator == "tpu" and spec.safety.pii.action == "redact"
