@@ -346,11 +346,13 @@ class Annotator:
     self.prompt_cache: dict[str, list[int]] = {}
 
   def _tokens(self, text: str) -> list[int]:
-    if text not in self.prompt_cache:
+    """Cached prompt ids; safe when two batches run on two threads (resources.concurrent_batches)."""
+    ids = self.prompt_cache.get(text)
+    if ids is None:
       if len(self.prompt_cache) >= PROMPT_CACHE_SIZE:  # per-image questions: keep the cache bounded
         self.prompt_cache.clear()
-      self.prompt_cache[text] = self.tokenizer.encode_prompt(text)
-    return self.prompt_cache[text]
+      ids = self.prompt_cache[text] = self.tokenizer.encode_prompt(text)
+    return ids
 
   def _prompts(self, metadata: list[str], live: list[int], status, errors) -> tuple[dict, list[int]]:
     """Prompt texts per task for the live rows; rows whose prompt cannot be built become errors."""
