@@ -314,3 +314,22 @@ def test_inspect_warns_about_files_without_a_manifest_entry(parquet_job, capsys)
     assert "WARNING: 1 file(s) without a valid manifest entry" in inspect.format_report(rep)
   finally:
     stray.unlink()
+
+
+def test_two_batches_in_flight_per_actor_give_the_same_output(e2e, ray_session, tmp_path):
+  # resources.concurrent_batches=2 (the gpu/tpu default): the Annotator runs two batches on two threads.
+  fs, bucket = e2e["fs"], e2e["bucket"]
+  spec = config.from_dict(H.job("threads", f"gs://{bucket}/e2e/shards/*.tar", str(tmp_path / "out") + "/",
+                                e2e["spec"].model.checkpoint, e2e["spec"].model.tokenizer, tasks=TASKS,
+                                fast_safety=True, batch_size=2), environ={})
+  spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"concurrent_batches": 2})})
+  summary = pipeline.run(spec, progress=False)
+  assert summary.success and summary.images == sum(len(v) for v in e2e["inputs"].values()), summary
+  _, tables = H.read_output(spec.output.uri)
+  got = {r["key"]: r for t in tables.values() for r in t.to_pylist()}
+  want = {r["key"]: r for t in e2e["tables"].values() for r in t.to_pylist()}
+  assert sorted(got) == sorted(want)
+  for key, r in got.items():
+    assert r["status"] == want[key]["status"]
+    for name in ("caption_en", "objects", "text"):
+      assert (r[name] or {}).get("num_tokens") == (want[key][name] or {}).get("num_tokens"), (key, name)
