@@ -122,13 +122,24 @@ def default_accelerator() -> str:
   return {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "cpu")
 
 
+def steady_rate(entries: list[dict]) -> float | None:
+  """Images/s between the first and the last shard commit (manifest `committed_at`, `rows`): the pipeline's
+  rate once Ray, the model and its compiled programs are up. None with fewer than two committed shards."""
+  import datetime
+  done = sorted((datetime.datetime.fromisoformat(e["committed_at"]), int(e["rows"])) for e in entries)
+  if len(done) < 2 or done[-1][0] <= done[0][0]:
+    return None
+  return sum(rows for _, rows in done[1:]) / (done[-1][0] - done[0][0]).total_seconds()
+
+
 def bench_pipeline(variant: str, images: int, batch: int, workdir: str | None = None, dtype: str = "bfloat16",
                    new_tokens: int = 20, repeats: int = 3) -> dict:
   """The whole Ray pipeline (WebDataset shards on local disk → decode → annotate → safety → Parquet) on a
   random-weight checkpoint of `variant`, then the engine alone on the same batch size in this process.
 
-  Returns images/s of both and their ratio. The pipeline figure is wall-clock over the whole run, so it
-  includes Ray start, model load and compilation: use enough images for those to amortize.
+  Returns images/s of both and their ratios. `pipeline_images_per_s` is wall-clock over the whole run (Ray
+  start, model load and compilation included); `pipeline_steady_images_per_s` counts from the first shard
+  commit to the last (`steady_rate`), which is what a long job sees.
   """
   import pathlib
   import tempfile
@@ -165,12 +176,16 @@ def bench_pipeline(variant: str, images: int, batch: int, workdir: str | None = 
   summary = pipeline.run(spec, progress=False)
   ray.shutdown()  # frees the actor's device memory before the engine-only run
   pipeline_ips = summary.images / summary.seconds
+  from pgbatch.io.sink import read_manifest
+  steady = steady_rate(read_manifest(str(out) + "/"))
   cfg = configs.get(variant)
   engine = bench_engine(random_model(cfg, dtype), batch, new_tokens, [2, 6000, 7000, 108], repeats)
   return dict(variant=variant, images=summary.images, batch=batch, new_tokens=new_tokens, dtype=dtype,
               pipeline_seconds=round(summary.seconds, 2), pipeline_images_per_s=round(pipeline_ips, 2),
               engine_images_per_s=engine["images_per_s"],
               pipeline_over_engine=round(pipeline_ips / engine["images_per_s"], 3),
+              pipeline_steady_images_per_s=None if steady is None else round(steady, 2),
+              steady_over_engine=None if steady is None else round(steady / engine["images_per_s"], 3),
               status=dict(ok=summary.ok, error=summary.error, filtered=summary.filtered),
               output=str(out), device=engine["device"])
 

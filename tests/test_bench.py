@@ -20,3 +20,23 @@ def test_bench_prints_json_per_batch(capsys):
   for r in rows:
     assert r["images_per_s"] > 0 and r["prefill_seconds"] > 0 and 0 < r["mfu"] < 1
     assert r["peak_memory_bytes"] > 0 and r["compile_seconds"] >= 0 and r["device"]
+
+
+def test_steady_rate_counts_from_the_first_commit():
+  from pgbatch.bench import steady_rate
+  entries = [{"committed_at": "2026-12-01T10:00:10+00:00", "rows": 100},
+             {"committed_at": "2026-12-01T10:00:00+00:00", "rows": 100},   # the first commit: not counted
+             {"committed_at": "2026-12-01T10:00:20+00:00", "rows": 50}]
+  assert steady_rate(entries) == 150 / 20
+  assert steady_rate(entries[:1]) is None
+
+
+def test_bench_pipeline_prints_pipeline_and_engine_rates(tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+  assert main(["bench", "--pipeline", "--variant", "tiny-pg1", "--images", "48", "--batch", "4",
+               "--new-tokens", "4", "--repeats", "1", "--workdir", str(tmp_path)]) == 0
+  (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+  assert row["status"] == {"ok": 48, "error": 0, "filtered": 0} and row["images"] == 48
+  assert row["pipeline_images_per_s"] > 0 and row["engine_images_per_s"] > 0
+  assert row["pipeline_over_engine"] == round(row["pipeline_images_per_s"] / row["engine_images_per_s"], 3)
+  assert row["pipeline_steady_images_per_s"] > 0  # 48 images, batch 4: 3 shards, so several commits
