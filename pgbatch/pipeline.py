@@ -579,10 +579,14 @@ def ray_resources() -> dict:
   return ray.cluster_resources()
 
 
+class SafetyListError(ValueError):
+  """The job's hash list cannot be read or parsed (checked before any work: it would fail every row)."""
+
+
 def plan_info(spec) -> dict:
   """Model facts the driver needs before Ray starts: image size, variant, checkpoint digest (from the file
-  headers, no weights read). Also loads the tokenizer and, for segment tasks, checks the VQ-VAE file exists,
-  so a wrong model path fails here with the path instead of in every actor."""
+  headers, no weights read). Also loads the tokenizer and the safety hash list and, for segment tasks, checks
+  the VQ-VAE file exists, so a wrong path fails here with the path instead of in every actor."""
   import fsspec
   from pgbatch import checkpoints, tokenizer
   ckpt = checkpoints.open_checkpoint(spec.model.checkpoint, variant=spec.model.variant)
@@ -592,6 +596,12 @@ def plan_info(spec) -> dict:
     fs, path = fsspec.core.url_to_fs(spec.model.vae)
     if not fs.exists(path):
       raise FileNotFoundError(f"model.vae: {spec.model.vae} not found")
+  if spec.safety.hashlist.enabled:
+    from pgbatch.safety.registry import load_filter
+    try:
+      load_filter("hashlist", spec.safety)
+    except Exception as e:  # noqa: BLE001 - any failure here would otherwise make every row an error row
+      raise SafetyListError(f"safety.hashlist.uri: {spec.safety.hashlist.uri}: {type(e).__name__}: {e}") from None
   return {"image_size": int(cfg.image_size), "model_variant": cfg.name, "checkpoint_digest": ckpt.info.digest,
           "tokenizer_digest": tok.digest}
 
@@ -822,7 +832,7 @@ def main_run(args) -> int:
   except (CheckpointError, TokenizerError, FileNotFoundError) as e:
     print(f"pgbatch run: {spec.name}: cannot load the model: {e}", file=sys.stderr)
     return 2
-  except ResourceError as e:
+  except (ResourceError, SafetyListError) as e:
     print(f"pgbatch run: {spec.name}: {e}", file=sys.stderr)
     return 2
   print(summary.line())

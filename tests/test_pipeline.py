@@ -134,6 +134,18 @@ def test_run_with_no_matching_shards_fails_clearly(tmp_path, capsys):
   assert not (tmp_path / "out").exists()
 
 
+def test_unreadable_hash_list_fails_before_any_work(e2e, tmp_path, capsys):
+  # An enabled hash list that cannot be read would make every row an error row: the run refuses to start.
+  spec = H.job("hashes", str(tmp_path / "shards" / "*.tar"), str(tmp_path / "out"), e2e["spec"].model.checkpoint,
+               e2e["spec"].model.tokenizer, safety={"hashlist": {"enabled": True, "uri": str(tmp_path / "nope.txt")}})
+  demo.write_shards(tmp_path / "shards", demo.samples()[:1], shards=1)
+  (tmp_path / "job.yaml").write_text(json.dumps(spec))
+  assert cli.main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert "safety.hashlist.uri" in err and "nope.txt" in err
+  assert not any((tmp_path / "out").glob("*.parquet"))
+
+
 def test_progress_line_shows_rate_and_eta():
   class Tty(io.StringIO):
     def isatty(self):
