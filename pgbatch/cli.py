@@ -47,7 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   module = importlib.import_module(args._module)
-  return int(getattr(module, f"main_{args.command}")(args) or 0)
+  try:
+    code = int(getattr(module, f"main_{args.command}")(args) or 0)
+    sys.stdout.flush()  # a closed pipe surfaces here rather than at interpreter exit
+    return code
+  except BrokenPipeError:  # `pgbatch schema show | head`: the reader left; not an error worth a traceback
+    import os
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 if __name__ == "__main__":

@@ -392,3 +392,13 @@ def test_readme_output_contract_snippets_run(job):
   scope = {}
   exec(blocks[2][1].replace("out/*.parquet", f"{out}/*.parquet"), scope)  # noqa: S102
   assert scope["binary"].shape == (200, 300)   # the last mask: row b, 300x200
+
+
+def test_cli_output_piped_into_a_closed_reader_is_quiet():
+  # `pgbatch schema show | head -1`: the reader closes the pipe early; no BrokenPipe traceback, exit 0.
+  proc = subprocess.Popen([sys.executable, "-m", "pgbatch.cli", "schema", "show"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+  assert proc.stdout.readline().startswith(b"key: string")
+  proc.stdout.close()
+  err = proc.stderr.read()
+  assert proc.wait(timeout=60) == 0 and b"Traceback" not in err, err
