@@ -147,17 +147,11 @@ def bench_pipeline(variant: str, images: int, batch: int, workdir: str | None = 
   import ray
   import yaml
 
-  from pgbatch import checkpoints, config, demo, pipeline, tokenizer
-  from pgbatch.model import random_params
+  from pgbatch import config, demo, pipeline
 
   root = pathlib.Path(workdir or tempfile.mkdtemp(prefix="pgbatch-bench-")).resolve()
-  ckpt, tok = root / "model" / f"{variant}-RANDOM-WEIGHTS.npz", root / "model" / "test_tokenizer.model"
-  ckpt.parent.mkdir(parents=True, exist_ok=True)
-  if not ckpt.exists():
-    checkpoints.write_npz(random_params(variant, seed=0), str(ckpt))
-  if not tok.exists():
-    tokenizer.build_test_tokenizer(str(tok))
-  photos = [s for s in demo.samples() if s[0] != "broken"]
+  ckpt, tok = demo.write_model(root / "model", variant)
+  photos = [s for s in demo.samples() if s[0] != demo.BROKEN_KEY]
   rows = [(f"{photos[i % len(photos)][0]}-{i:07d}", *photos[i % len(photos)][1:]) for i in range(images)]
   shard_dir = root / f"shards-{images}"
   if not shard_dir.exists():

@@ -131,25 +131,34 @@ def job_dict(root: Path) -> dict:
   }
 
 
-def prepare(workdir, shards: int = 3, log=print) -> Path:
-  """Writes checkpoint (once), tokenizer (once), shards and job.yaml into `workdir`; returns the job path."""
-  import yaml
+def write_model(directory, variant: str = VARIANT, log=None) -> tuple[Path, Path]:
+  """A random-weight `variant` checkpoint (`<variant>-RANDOM-WEIGHTS.npz`) and the test tokenizer in `directory`,
+  each written once (to a temporary name, then renamed, so an interrupted write is never reused)."""
   from pgbatch import checkpoints, tokenizer
   from pgbatch.model import random_params
-  root = Path(workdir).resolve()
-  (root / "model").mkdir(parents=True, exist_ok=True)
-  ckpt = root / "model" / CHECKPOINT_NAME
+  d = Path(directory)
+  d.mkdir(parents=True, exist_ok=True)
+  ckpt, tok = d / f"{variant}-RANDOM-WEIGHTS.npz", d / TOKENIZER_NAME
   if not ckpt.exists():
-    log(f"writing a tiny {VARIANT} checkpoint with RANDOM weights → {ckpt}")
+    if log:
+      log(f"writing a tiny {variant} checkpoint with RANDOM weights → {ckpt}")
     tmp = ckpt.with_name(ckpt.name + ".tmp")
-    checkpoints.write_npz(random_params(VARIANT, seed=0), str(tmp))
+    checkpoints.write_npz(random_params(variant, seed=0), str(tmp))
     os.replace(tmp, ckpt)
-  tok = root / "model" / TOKENIZER_NAME
   if not tok.exists():
-    log(f"building the test tokenizer → {tok}")
+    if log:
+      log(f"building the test tokenizer → {tok}")
     tmp = tok.with_name(tok.name + ".tmp")
     tokenizer.build_test_tokenizer(str(tmp))
     os.replace(tmp, tok)
+  return ckpt, tok
+
+
+def prepare(workdir, shards: int = 3, log=print) -> Path:
+  """Writes checkpoint (once), tokenizer (once), shards and job.yaml into `workdir`; returns the job path."""
+  import yaml
+  root = Path(workdir).resolve()
+  write_model(root / "model", VARIANT, log)
   rows = samples()
   shutil.rmtree(root / "shards", ignore_errors=True)
   write_shards(root / "shards", rows, shards=shards)

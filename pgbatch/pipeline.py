@@ -169,10 +169,10 @@ def _fmt_s(s: float) -> str:
 
 
 def error_json(stage: str, exc_or_type: Any, message: str | None = None) -> str:
+  """`readers.error_json` for an exception (or a type name), the message cut at 2000 characters."""
+  from pgbatch.io import readers
   type_ = exc_or_type if isinstance(exc_or_type, str) else type(exc_or_type).__name__
-  if message is None:
-    message = str(exc_or_type)
-  return json.dumps({"stage": stage, "type": type_, "message": message[:2000]})
+  return readers.error_json(stage, type_, (str(exc_or_type) if message is None else message)[:2000])
 
 
 def _as_object(values) -> np.ndarray:
@@ -285,10 +285,6 @@ def _dim(v: Any) -> Optional[int]:
   except (TypeError, ValueError):
     return None
   return v if v >= 0 else None
-
-
-def _field(name: str) -> pa.Field:
-  return next(f for f in schema.FIXED_FIELDS if f.name == name)
 
 
 class Annotator:
@@ -445,7 +441,7 @@ class Annotator:
         "provenance": pa.array([self.provenance] * n, schema.PROVENANCE_TYPE),
         "safety": pa.nulls(n, schema.SAFETY_TYPE),
     }
-    fields = [_field(name) for name in cols]
+    fields = [schema.fixed_field(name) for name in cols]
     arrays = list(cols.values())
     for t in self.tasks:
       fields.append(pa.field(t.name, t.arrow_type))
@@ -497,7 +493,7 @@ class SafetyPost:
     for r in rows:
       if r is not None:
         r["safety_filters"] = self.filters_info
-    return table.set_column(i, _field("provenance"), pa.array(rows, schema.PROVENANCE_TYPE))
+    return table.set_column(i, schema.fixed_field("provenance"), pa.array(rows, schema.PROVENANCE_TYPE))
 
   def __call__(self, table: pa.Table) -> pa.Table:
     self._loading.join()
@@ -516,8 +512,9 @@ class SafetyPost:
         if name in table.column_names:
           i = table.schema.get_field_index(name)
           table = table.set_column(i, table.schema.field(i), pa.nulls(n, table.schema.field(i).type))
-      table = table.set_column(table.schema.get_field_index("status"), _field("status"), pa.array(status, pa.string()))
-      table = table.set_column(table.schema.get_field_index("error"), _field("error"),
+      table = table.set_column(table.schema.get_field_index("status"), schema.fixed_field("status"),
+                               pa.array(status, pa.string()))
+      table = table.set_column(table.schema.get_field_index("error"), schema.fixed_field("error"),
                                pa.array(errors, schema.ERROR_TYPE))
       from pgbatch.safety.stages import PRE_COLUMN
       table = table.drop_columns([PRE_COLUMN]) if PRE_COLUMN in table.column_names else table

@@ -84,6 +84,14 @@ FIXED_FIELDS = [
 ]
 
 FIXED_NAMES = tuple(f.name for f in FIXED_FIELDS)
+
+
+def fixed_field(name: str) -> pa.Field:
+  """The fixed output column `name` (KeyError naming it when there is none)."""
+  for f in FIXED_FIELDS:
+    if f.name == name:
+      return f
+  raise KeyError(f"{name!r} is not a fixed output column (those are {', '.join(FIXED_NAMES)})")
 SCHEMA_NAME = f"annotations.v{SCHEMA_VERSION}"
 META_VERSION = b"pgbatch.schema_version"
 META_TASKS = b"pgbatch.tasks"

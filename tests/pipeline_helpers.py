@@ -11,21 +11,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pgbatch import demo
+
 ROOT = Path(__file__).resolve().parent.parent
 VARIANT = "tiny-pg2"
 
 
 def tiny_model(directory) -> tuple[str, str]:
   """(checkpoint path, tokenizer path): tiny-pg2 with random weights and the test tokenizer (written once)."""
-  from pgbatch import checkpoints, tokenizer
-  from pgbatch.model import random_params
-  d = Path(directory)
-  d.mkdir(parents=True, exist_ok=True)
-  ckpt, tok = d / f"{VARIANT}-RANDOM-WEIGHTS.npz", d / "tokenizer.model"
-  if not ckpt.exists():
-    checkpoints.write_npz(random_params(VARIANT, seed=0), str(ckpt))
-  if not tok.exists():
-    tokenizer.build_test_tokenizer(str(tok))
+  ckpt, tok = demo.write_model(directory, VARIANT)
   return str(ckpt), str(tok)
 
 

@@ -130,12 +130,8 @@ def withheld_record(findings: list[Finding], policy: SafetyPolicy, digest: str) 
           "scores": max_scores(findings), "policy_digest": digest}
 
 
-def _fixed(name: str) -> pa.Field:
-  return next(f for f in schema.FIXED_FIELDS if f.name == name)
-
-
 def _set(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
-  field = _fixed(name) if name in {f.name for f in schema.FIXED_FIELDS} else table.schema.field(name)
+  field = schema.fixed_field(name) if name in schema.FIXED_NAMES else table.schema.field(name)
   i = table.schema.get_field_index(name)
   return table.set_column(i, field, arr) if i >= 0 else table.append_column(field, arr)
 
