@@ -1,7 +1,8 @@
 """infra/: every manifest parses and validates against the Kubernetes and KubeRay schemas; the TPU, GPU and
-CPU groups, image tags, pinned versions, RayJob entrypoints, Dockerfile and nightly schedule agree with the code.
+CPU groups, image tags, pinned versions, RayJob entrypoints, Dockerfile and nightly RayCronJob agree with the code.
 
-Kubernetes kinds: `kubernetes_validate` (strict: unknown fields are errors). Ray kinds: KubeRay v1.7.0's CRD
+Kubernetes kinds: `kubernetes_validate` (strict: unknown fields are errors). Ray kinds (RayCluster, RayJob,
+RayCronJob): KubeRay v1.7.0's CRD
 schemas vendored under infra/schemas/ (strict, pod templates checked against Kubernetes' PodTemplateSpec),
 plus the rules KubeRay's operator enforces in Go (ray-operator/controllers/ray/utils/validation.go).
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import re
 import shlex
 import shutil
@@ -32,9 +32,10 @@ from pgbatch import config, placement
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-K8S_VERSION = "1.33"          # the oldest GKE minor the manifests target (CronJob timeZone is GA since 1.27)
+K8S_VERSION = "1.33"          # the oldest GKE minor the manifests target
 KUBERAY_SCHEMAS = INFRA / "schemas" / "kuberay-v1.7.0"
-RAY_KINDS = {"RayCluster": "raycluster", "RayJob": "rayjob"}
+RAY_KINDS = {"RayCluster": "raycluster", "RayJob": "rayjob", "RayCronJob": "raycronjob"}
+MAX_RAYJOB_NAME = 47          # KubeRay: DNS-1035, <= 47 characters; a RayCronJob's name leaves 11 for "-<minutes>"
 IMAGE_IN_CONTAINER_JOBS = "/opt/pgbatch/jobs/"   # where infra/Dockerfile copies jobs/
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # GKE accelerator label → GPUs per node its machine types offer.
@@ -47,7 +48,8 @@ V5E_HOST_CHIPS = {1, 4, 8}    # ct5lp-hightpu-1t / -4t / -8t
 
 
 def manifest_files() -> list[Path]:
-  files = sorted(p for p in INFRA.rglob("*.yaml") if "schemas" not in p.parts and p.name != "kustomization.yaml")
+  files = sorted(p for p in INFRA.rglob("*.yaml")
+                 if not {"schemas", "helm"} & set(p.parts) and p.name != "kustomization.yaml")
   assert files, "no manifests under infra/"
   return files
 
@@ -67,19 +69,11 @@ def of_kind(kind: str) -> list[tuple[str, dict]]:
 
 
 def kustomize_build() -> list[dict]:
-  """What `kubectl apply -k infra/` applies: the resources plus the generated ConfigMaps (no hash suffix)."""
+  """What `kubectl apply -k infra/` applies: its resources (no generators, patches or transformers)."""
   k = yaml.safe_load((INFRA / "kustomization.yaml").read_text())
   assert k["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and k["kind"] == "Kustomization"
-  out = [d for r in k["resources"] for d in load_docs(INFRA / r)]
-  assert k.get("generatorOptions", {}).get("disableNameSuffixHash") is True  # the CronJob mounts it by name
-  for gen in k.get("configMapGenerator", []):
-    data = {}
-    for item in gen["files"]:
-      key, _, rel = item.rpartition("=")
-      data[key or Path(rel).name] = (INFRA / rel).read_text()
-    meta = {"name": gen["name"], **({"namespace": gen["namespace"]} if "namespace" in gen else {})}
-    out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
-  return out
+  assert set(k) == {"apiVersion", "kind", "resources"}, "this render knows resources only; extend it first"
+  return [d for r in k["resources"] for d in load_docs(INFRA / r)]
 
 
 # --- schemas ----------------------------------------------------------------------------------------------
@@ -136,7 +130,14 @@ def kuberay_rules(doc: dict) -> None:
   """The checks KubeRay's operator makes in Go before it creates anything (utils/validation.go)."""
   meta, spec = doc["metadata"], doc["spec"]
   name = meta.get("name") or meta["generateName"] + "x" * 5   # generateName gets 5 random characters
-  assert DNS1035.match(name) and len(name) <= 47, f"{name}: KubeRay wants a DNS-1035 name of <= 47 characters"
+  assert DNS1035.match(name) and len(name) <= MAX_RAYJOB_NAME, f"{name}: KubeRay wants a DNS-1035 name of <= 47 characters"
+  if doc["kind"] == "RayCronJob":   # ValidateRayCronJobSpec, then the template as a RayJob
+    assert len(name) <= MAX_RAYJOB_NAME - 11, f"{name}: a RayCronJob name has at most 36 characters"
+    assert "TZ" not in spec["schedule"] and len(spec["schedule"].split()) == 5, "a standard 5-field cron schedule"
+    if "timeZone" in spec:
+      zoneinfo.ZoneInfo(spec["timeZone"])
+    kuberay_rules({"kind": "RayJob", "metadata": {"name": f"{name}-29000000"}, "spec": spec["jobTemplate"]})
+    return
   if doc["kind"] == "RayJob":
     assert spec.get("rayClusterSpec") or spec.get("clusterSelector"), "RayJob: rayClusterSpec or clusterSelector"
     assert spec.get("activeDeadlineSeconds", 1) > 0 and spec.get("backoffLimit", 0) >= 0
@@ -170,6 +171,7 @@ def kuberay_rules(doc: dict) -> None:
 def cluster_specs() -> list[tuple[str, dict]]:
   out = [(f, d["spec"]) for f, d in of_kind("RayCluster")]
   out += [(f, d["spec"]["rayClusterSpec"]) for f, d in of_kind("RayJob")]
+  out += [(f, d["spec"]["jobTemplate"]["rayClusterSpec"]) for f, d in of_kind("RayCronJob")]
   assert out
   return out
 
@@ -202,16 +204,9 @@ def test_kustomization_builds_and_validates(ray_validators):
   for doc in built:
     validate(doc, ray_validators)
   kinds = sorted(d["kind"] for d in built)
-  assert kinds == ["ConfigMap", "CronJob", "Namespace", "Role", "RoleBinding", "ServiceAccount", "ServiceAccount"]
-  # The ConfigMap carries the nightly RayJob, itself a valid manifest.
-  (cm,) = [d for d in built if d["kind"] == "ConfigMap"]
-  (rayjob,) = load_docs_from_text(next(iter(cm["data"].values())))
-  validate(rayjob, ray_validators)
-  assert rayjob["kind"] == "RayJob"
-
-
-def load_docs_from_text(text: str) -> list[dict]:
-  return [d for d in yaml.safe_load_all(text) if d is not None]
+  assert kinds == ["Namespace", "RayCronJob", "ServiceAccount"]
+  namespaces = {d["metadata"]["name"] for d in built if d["kind"] == "Namespace"}
+  assert all(d["metadata"]["namespace"] in namespaces for d in built if d["kind"] != "Namespace")
 
 
 def test_strict_validation_catches_typos(ray_validators):
@@ -229,18 +224,38 @@ def test_strict_validation_catches_typos(ray_validators):
   bad["spec"]["activeDeadlineSeconds"] = 0
   with pytest.raises(AssertionError):
     validate(bad, ray_validators)
-  (_, cron), = of_kind("CronJob")
-  bad = json.loads(json.dumps(cron))
-  bad["spec"]["jobTemplate"]["spec"]["template"]["spec"]["restartPolicy"] = 3
+  (_, sa), = [(f, d) for f, d in of_kind("ServiceAccount")]
+  bad = json.loads(json.dumps(sa))
+  bad["automountServiceAccountToken"] = "no"
   with pytest.raises(kubernetes_validate.ValidationError):
+    validate(bad, ray_validators)
+  # RayCronJob: batch/v1 CronJob fields it does not have, a bad template, a TZ inside the schedule.
+  (_, cron), = of_kind("RayCronJob")
+  for field, value in [("concurrencyPolicy", "Forbid"), ("startingDeadlineSeconds", 3600)]:
+    bad = json.loads(json.dumps(cron))
+    bad["spec"][field] = value
+    with pytest.raises(AssertionError, match=field):
+      validate(bad, ray_validators)
+  bad = json.loads(json.dumps(cron))
+  bad["spec"]["jobTemplate"]["shutdownAfterJobFinish"] = True
+  with pytest.raises(AssertionError, match="shutdownAfterJobFinish"):
+    validate(bad, ray_validators)
+  bad = json.loads(json.dumps(cron))
+  bad["spec"]["schedule"] = "CRON_TZ=Europe/Paris " + bad["spec"]["schedule"]
+  with pytest.raises(AssertionError, match="5-field"):
+    validate(bad, ray_validators)
+  bad = json.loads(json.dumps(cron))
+  bad["metadata"]["name"] = "pgbatch-nightly-captions-tpu-v5e-2x4-run"
+  with pytest.raises(AssertionError, match="36"):
     validate(bad, ray_validators)
 
 
 def test_every_ray_kind_in_infra_is_covered():
   kinds = {d["kind"] for _, d in all_docs()}
-  assert {"RayCluster", "RayJob", "CronJob", "Namespace", "ServiceAccount", "Role", "RoleBinding"} <= kinds
+  assert {"RayCluster", "RayJob", "RayCronJob", "Namespace", "ServiceAccount"} <= kinds
   files = {Path(f).name for f, _ in all_docs()}
-  assert {"raycluster-tpu-v5e.yaml", "raycluster-gpu.yaml", "rayjob-tpu-v5e.yaml", "rayjob-gpu.yaml"} <= files
+  assert {"raycluster-tpu-v5e.yaml", "raycluster-gpu.yaml", "rayjob-tpu-v5e.yaml", "rayjob-gpu.yaml",
+          "raycronjob-tpu-v5e.yaml"} <= files
 
 
 def test_tpu_v5e_groups():
@@ -424,119 +439,25 @@ def test_rayjob_lifecycle():
 
 
 def test_nightly_schedule():
-  (f, cron), = of_kind("CronJob")
+  """A RayCronJob fires once a day; its RayJob is the run-it-now RayJob; nights cannot overlap; the operator
+  values switch the feature gate on."""
+  (f, cron), = of_kind("RayCronJob")
   spec = cron["spec"]
   minute, hour, dom, month, dow = spec["schedule"].split()
   assert minute.isdigit() and 0 <= int(minute) < 60 and hour.isdigit() and 0 <= int(hour) < 24
   assert (dom, month, dow) == ("*", "*", "*"), "once every day"
   zoneinfo.ZoneInfo(spec["timeZone"])
-  assert spec["concurrencyPolicy"] == "Forbid"
-  pod = spec["jobTemplate"]["spec"]["template"]["spec"]
-  (container,) = pod["containers"]
-  assert _image_tag_pattern("tpu").match(container["image"]), "the trigger runs in the pgbatch image"
-  # It runs the trigger script on the RayJob, both from the ConfigMap that kustomization generates.
-  (cm,) = [d for d in kustomize_build() if d["kind"] == "ConfigMap"]
-  (vol,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == cm["metadata"]["name"]]
-  (mount,) = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == vol["name"]]
-  files = {f"{mount}/{i['path']}": i["key"] for i in vol["configMap"]["items"]}
-  argv = container["command"] + container.get("args", [])
-  assert argv[0] == "python" and files[argv[1]] == "nightly_trigger.py" and files[argv[2]] == "rayjob.yaml"
-  assert cm["data"]["nightly_trigger.py"] == (INFRA / "k8s" / "nightly_trigger.py").read_text()
-  rayjob = yaml.safe_load(cm["data"]["rayjob.yaml"])
+  assert not spec.get("suspend"), f"{f}: suspended"
+  assert cron["metadata"]["namespace"] == "pgbatch"
+  (_, rayjob), = [(g, d) for g, d in of_kind("RayJob") if Path(g).name == "rayjob-tpu-v5e.yaml"]
+  assert spec["jobTemplate"] == rayjob["spec"], f"{f}: jobTemplate differs from rayjob-tpu-v5e.yaml's spec"
   assert rayjob["spec"]["entrypoint"].split()[2].endswith("/nightly-captions.yaml")
-  assert rayjob["metadata"]["labels"]["app.kubernetes.io/component"] == "nightly"
-  # The scheduler's identity may list and create RayJobs.
-  base = {(d["kind"], d["metadata"]["name"]): d for d in load_docs(INFRA / "k8s" / "base.yaml")}
-  sa = pod["serviceAccountName"]
-  role = base[("Role", sa)]
-  rule = next(r for r in role["rules"] if "rayjobs" in r["resources"])
-  assert {"create", "list"} <= set(rule["verbs"]) and rule["apiGroups"] == ["ray.io"]
-  binding = base[("RoleBinding", sa)]
-  assert binding["roleRef"]["name"] == sa and binding["subjects"][0]["name"] == sa and ("ServiceAccount", sa) in base
-
-
-# --- the nightly trigger against a stand-in Kubernetes API (no API server can run here) -------------------
-
-
-class FakeKubeAPI:
-  """Loopback HTTP server answering the two calls the trigger makes: list and create RayJobs."""
-
-  def __init__(self, existing: list[dict], create_status: int = 201):
-    import http.server
-    import threading
-    api = self
-    self.existing, self.create_status, self.requests = existing, create_status, []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-      def log_message(self, *a):
-        pass
-
-      def _reply(self, code, body):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-      def do_GET(self):
-        api.requests.append(("GET", self.path, self.headers.get("Authorization"), None))
-        self._reply(200, {"kind": "RayJobList", "items": api.existing})
-
-      def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        api.requests.append(("POST", self.path, self.headers.get("Authorization"), body))
-        if api.create_status != 201:
-          return self._reply(api.create_status, {"kind": "Status", "message": "rayjobs.ray.io is forbidden"})
-        self._reply(201, dict(body, metadata=dict(body["metadata"], name=body["metadata"]["generateName"] + "abcde")))
-
-    self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=self.server.serve_forever, daemon=True).start()
-    self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-  def close(self):
-    self.server.shutdown()
-    self.server.server_close()
-
-
-def run_trigger(api: FakeKubeAPI, tmp_path) -> subprocess.CompletedProcess:
-  token = tmp_path / "token"
-  token.write_text("sekret\n")
-  env = dict(os.environ, KUBE_API=api.url, KUBE_TOKEN_FILE=str(token), KUBE_NAMESPACE="pgbatch")
-  try:
-    return subprocess.run([sys.executable, str(INFRA / "k8s" / "nightly_trigger.py"),
-                           str(INFRA / "kuberay" / "rayjob-tpu-v5e.yaml")],
-                          capture_output=True, text=True, env=env, timeout=60)
-  finally:
-    api.close()
-
-
-def _rayjob(name: str, status: str | None) -> dict:
-  return {"metadata": {"name": name}, "status": {"jobDeploymentStatus": status} if status else {}}
-
-
-def test_nightly_trigger_creates_the_rayjob(tmp_path):
-  api = FakeKubeAPI([_rayjob("pgbatch-nightly-aaaaa", "Complete"), _rayjob("pgbatch-nightly-bbbbb", "Failed")])
-  out = run_trigger(api, tmp_path)
-  assert out.returncode == 0, out.stderr
-  (get, post) = api.requests
-  assert get[1] == "/apis/ray.io/v1/namespaces/pgbatch/rayjobs?labelSelector=app.kubernetes.io%2Fcomponent%3Dnightly"
-  assert post[:3] == ("POST", "/apis/ray.io/v1/namespaces/pgbatch/rayjobs", "Bearer sekret")
-  assert post[3] == load_docs(INFRA / "kuberay" / "rayjob-tpu-v5e.yaml")[0]
-  assert "created RayJob pgbatch/pgbatch-nightly-abcde" in out.stdout
-
-
-@pytest.mark.parametrize("status", [None, "Initializing", "Running", "Retrying"])
-def test_nightly_trigger_skips_while_a_run_is_going(tmp_path, status):
-  api = FakeKubeAPI([_rayjob("pgbatch-nightly-aaaaa", "Complete"), _rayjob("pgbatch-nightly-ccccc", status)])
-  out = run_trigger(api, tmp_path)
-  assert out.returncode == 0 and [r[0] for r in api.requests] == ["GET"]
-  assert "still going: pgbatch-nightly-ccccc" in out.stdout
-
-
-def test_nightly_trigger_fails_when_refused(tmp_path):
-  out = run_trigger(FakeKubeAPI([], create_status=403), tmp_path)
-  assert out.returncode == 1 and "403" in out.stderr and "forbidden" in out.stderr
+  # No concurrencyPolicy in RayCronJob: a night's RayJob (every retry included) is over before the next tick.
+  job = spec["jobTemplate"]
+  assert job["activeDeadlineSeconds"] * (job.get("backoffLimit", 0) + 1) < 24 * 3600
+  values = yaml.safe_load((INFRA / "helm" / "kuberay-operator-values.yaml").read_text())
+  gates = {g["name"]: g["enabled"] for g in values["featureGates"]}
+  assert gates["RayCronJob"] is True and len(gates) == len(values["featureGates"])
 
 
 # --- Dockerfile -------------------------------------------------------------------------------------------

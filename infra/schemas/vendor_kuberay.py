@@ -1,4 +1,4 @@
-"""Vendor KubeRay's CRD schemas (v1 RayCluster and RayJob) for the manifest tests, kept small.
+"""Vendor KubeRay's CRD schemas (v1 RayCluster, RayJob and RayCronJob) for the manifest tests, kept small.
 
     git clone --branch v1.7.0 https://github.com/ray-project/kuberay /tmp/kuberay
     python infra/schemas/vendor_kuberay.py /tmp/kuberay/ray-operator/config/crd/bases v1.7.0
@@ -7,6 +7,9 @@ Writes infra/schemas/kuberay-<version>/<kind>-ray-v1.json: the CRD's `openAPIV3S
 every `description` removed, and every embedded Kubernetes PodTemplateSpec replaced by a `$ref` to the
 Kubernetes schema (`https://kubernetes.io/api/podtemplatespec/v1`, resolved by the test from the
 kubernetes-validate package), which is what makes the upstream files 1 MB each.
+
+kuberay-v1.7.0/ was made from tag v1.7.0 (commit 59d663aeec13760646da3db9c1cf8cfe883e30b7); RayCronJob (the
+nightly schedule) exists since KubeRay 1.6 behind the operator's `RayCronJob` feature gate (Alpha, off by default).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-KINDS = {"rayclusters": "raycluster", "rayjobs": "rayjob"}
+KINDS = {"rayclusters": "raycluster", "rayjobs": "rayjob", "raycronjobs": "raycronjob"}
 POD_TEMPLATE_REF = {"$ref": "https://kubernetes.io/api/podtemplatespec/v1"}
 
 
