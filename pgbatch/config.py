@@ -58,6 +58,22 @@ class InputSpec(_Strict):
   key_column: Optional[str] = Field("key", description="parquet: column with the sample key (row index if absent)")
   files_per_shard: int = Field(1000, ge=1, le=1_000_000, description="images: files per shard (output file)")
   storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. {project: x}")
+  allowed_sources: list[str] = Field(
+      default_factory=list, description="URI prefixes that image paths inside the data may point to, besides the "
+      "input's own folder (e.g. https://cdn.example.com/images/); see pgbatch.io.sources")
+
+  @field_validator("allowed_sources")
+  @classmethod
+  def _sources(cls, v: list[str]) -> list[str]:
+    from pgbatch.io import sources
+    for i, s in enumerate(v):
+      try:
+        sources.normalize(s if not sources.is_local(s) else os.path.abspath(s))
+      except ValueError as e:
+        raise ValueError(f"[{i}] {s!r}: {e}") from None
+      if sources.WILDCARDS.search(s):
+        raise ValueError(f"[{i}] {s!r}: a prefix, not a glob")
+    return v
 
 
 class OutputSpec(_Strict):
@@ -346,6 +362,9 @@ def resolve_paths(tree: dict, base: Optional[Path]) -> dict:
   if isinstance(safety, dict) and isinstance(safety.get("hashlist"), dict) and isinstance(
       safety["hashlist"].get("uri"), str):
     safety["hashlist"]["uri"] = _resolve(safety["hashlist"]["uri"], base)
+  inp = tree.get("input")
+  if isinstance(inp, dict) and isinstance(inp.get("allowed_sources"), list):
+    inp["allowed_sources"] = [_resolve(s, base) if isinstance(s, str) else s for s in inp["allowed_sources"]]
   return tree
 
 

@@ -182,12 +182,12 @@ def _as_object(values) -> np.ndarray:
 
 
 def read_item(item: dict, fmt: str, image_column: str, key_column: Optional[str],
-              storage_options: dict) -> list[dict]:
+              storage_options: dict, allowed_roots: tuple[str, ...] | None = None) -> list[dict]:
   """One shard item {id, uris} → its rows (see `pgbatch.io.readers.read_shard`)."""
   from pgbatch.io import readers
   shard = readers.Shard(item["id"], tuple(item["uris"]))
   rows = readers.read_shard(shard, fmt, image_column=image_column, key_column=key_column,
-                            storage_options=storage_options or None)
+                            storage_options=storage_options or None, allowed_roots=allowed_roots)
   now = time.time()
   for r in rows:
     r[READ_AT] = now
@@ -685,6 +685,7 @@ def build_dataset(spec, items: list[dict], info: dict, provenance: dict, inherit
   process's environment (a local Ray started here)."""
   import warnings
   import ray
+  from pgbatch.io import sources
   warnings.filterwarnings("ignore", message=r".*ray_remote_args.* is deprecated", category=DeprecationWarning)
   res = spec.resources
   placement.configure_data_context(ray.data.DataContext.get_current(), res)
@@ -695,7 +696,9 @@ def build_dataset(spec, items: list[dict], info: dict, provenance: dict, inherit
   ds = ray.data.from_items(items, override_num_blocks=len(items))
   ds = ds.flat_map(read_item, fn_kwargs=dict(fmt=spec.input.format, image_column=spec.input.image_column,
                                              key_column=spec.input.key_column,
-                                             storage_options=dict(spec.input.storage_options)),
+                                             storage_options=dict(spec.input.storage_options),
+                                             allowed_roots=sources.allowed_roots(spec.input.uri,
+                                                                                 spec.input.allowed_sources)),
                    num_cpus=cpu, runtime_env=cpu_env, **RETRY_ARGS)
   ds = ds.map_batches(decode_and_prefilter, batch_size=spec.decode.batch_size, batch_format="numpy",
                       fn_kwargs=dict(size=info["image_size"], max_pixels=spec.decode.max_pixels,

@@ -187,12 +187,14 @@ def list_shards(uri: str, format: str, *, files_per_shard: int = 1000,  # pylint
 # reading
 
 def read_shard(shard: Shard, format: str, *, image_column: str = "image",  # pylint: disable=redefined-builtin
-               key_column: str | None = "key", storage_options: dict | None = None) -> list[dict]:
-  """All rows of one shard (see the module doc). Keys are unique within the result."""
+               key_column: str | None = "key", storage_options: dict | None = None,
+               allowed_roots: tuple[str, ...] | None = None) -> list[dict]:
+  """All rows of one shard (see the module doc). Keys are unique within the result. `allowed_roots`: where
+  paths found inside the data may point (`pgbatch.io.sources`; default: the shard's own folder)."""
   if format == "webdataset":
     rows = list(read_webdataset(shard, storage_options))
   elif format == "parquet":
-    rows = list(read_parquet(shard, image_column, key_column, storage_options))
+    rows = list(read_parquet(shard, image_column, key_column, storage_options, allowed_roots=allowed_roots))
   elif format == "images":
     rows = list(read_images(shard, storage_options))
   else:
@@ -454,18 +456,28 @@ def _image_getter(field_type, column: str, uri: str):
                   "path: string> (Hugging Face datasets Image) or string (a path/URL per row)")
 
 
-def _resolve(path: str, base_uri: str) -> str:
-  if "://" in path or path.startswith("/"):
-    return path
-  return posixpath.join(posixpath.dirname(base_uri), path)
+def _read_source_row(key: str, shard: Shard, path: str, roots: tuple[str, ...] | None, storage_options: dict | None,
+                     meta: str, source_uri: str) -> dict:
+  """The row for an image cell that holds only a path: read if `sources.confine` allows it, else an error row
+  (read/ForbiddenSource) without any request."""
+  from pgbatch.io import sources  # pylint: disable=g-import-not-at-top
+  try:
+    target = sources.confine(path, shard.uris[0], roots or (sources.input_root(shard.uris[0]),))
+  except sources.ForbiddenSource as e:
+    return make_row(key, shard.id, source_uri, None, meta, error_json("read", "ForbiddenSource", str(e)))
+  opts = sources.storage_options_for(target, shard.uris[0], storage_options)
+  return _read_file_row(key, shard, target, opts, meta, source_uri=source_uri)
 
 
 def read_parquet(shard: Shard, image_column: str = "image", key_column: str | None = "key",
-                 storage_options: dict | None = None, batch_size: int = 256) -> Iterator[dict]:
+                 storage_options: dict | None = None, batch_size: int = 256,
+                 allowed_roots: tuple[str, ...] | None = None) -> Iterator[dict]:
   """Rows of a Parquet file, streamed by record batches. Image cells that hold only a path (HF datasets with
-  external files, or a string column) are read from that path (relative to the Parquet file's directory);
-  a struct cell's path next to its bytes goes into metadata as "image_path"."""
+  external files, or a string column) are read from that path (relative to the Parquet file's directory) when
+  it is under `allowed_roots` (default: the Parquet file's folder), else they are read/ForbiddenSource error
+  rows; a struct cell's path next to its bytes goes into metadata as "image_path"."""
   uri = shard.uris[0]
+  roots = tuple(allowed_roots) if allowed_roots else None
   f = None
   index = 0
   try:
@@ -492,7 +504,7 @@ def read_parquet(shard: Shard, image_column: str = "image", key_column: str | No
           meta = meta[:-1] + ("," if meta != "{}" else "") + json.dumps({"image_path": path})[1:]
         index += 1
         if data is None and path:
-          yield _read_file_row(key, shard, _resolve(path, uri), storage_options, meta, source_uri=src)
+          yield _read_source_row(key, shard, path, roots, storage_options, meta, src)
         elif data is None:
           yield make_row(key, shard.id, src, None, meta,
                          error_json("read", "MissingImage", f"row {index - 1}: column {image_column!r} is null"))
