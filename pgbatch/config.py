@@ -208,8 +208,16 @@ class JobSpec(_Strict):
     from pgbatch.safety.stages import PostFilter
     return PostFilter(self.safety, text_fields=self.text_task_names(), task_fields=[t.name for t in self.tasks])
 
-  def to_yaml(self) -> str:
-    return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+  def to_yaml(self, redacted: bool = True) -> str:
+    """The resolved spec as YAML; credential-looking values replaced (`pgbatch.redact`) unless `redacted=False`."""
+    from pgbatch.redact import redact
+    tree = self.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(redact(tree) if redacted else tree, sort_keys=False)
+
+  def secrets(self) -> set[str]:
+    """Credential-looking values of this spec, for the log filter (`pgbatch.redact`)."""
+    from pgbatch.redact import secrets_in
+    return secrets_in(self.model_dump(mode="json", exclude_none=True))
 
 
 # --- loading ----------------------------------------------------------------------------------------------
@@ -250,14 +258,26 @@ def _problems(e: ValidationError) -> list[tuple[str, str]]:
   return out
 
 
+# Fields whose strings may use `${VAR}`: locations and credentials, never text that flows into outputs.
+ENV_FIELDS = re.compile(r"^(?:input\.uri|output\.uri|model\.(?:checkpoint|tokenizer|vae)|safety\.\w+\.uri|"
+                        r"input\.allowed_sources\[\d+\]|(?:input|output)\.storage_options(?:[.\[].*)?)$")
+
+
 def expand_env(node: Any, environ: Mapping[str, str], path: str = "") -> Any:
-  """`${VAR}` / `${VAR:-default}` in every string leaf."""
+  """`${VAR}` / `${VAR:-default}` in the location and credential fields (ENV_FIELDS); anywhere else a
+  JobSpecError naming the field (a question or name would carry the value into every output row)."""
   if isinstance(node, dict):
     return {k: expand_env(v, environ, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
   if isinstance(node, list):
     return [expand_env(v, environ, f"{path}[{i}]") for i, v in enumerate(node)]
-  if not isinstance(node, str):
+  if not isinstance(node, str) or not VAR_RE.search(node):
     return node
+  if not ENV_FIELDS.match(path):
+    name = VAR_RE.search(node).group(1)
+    raise JobSpecError("environment", [(path, f"${{{name}}}: environment variables are expanded only in "
+                                        "location and credential fields (input/output uri and storage_options, "
+                                        "model paths, safety list uris); this field's text reaches the output "
+                                        f"(give the value itself, or --set {path}=...)")])
 
   def sub(m):
     name, default = m.group(1), m.group(2)
@@ -380,7 +400,10 @@ def from_dict(tree: Any, overrides: Iterable[str] = (), environ: Optional[Mappin
     set_path(tree, path, value, where="environment")
   for text in overrides:
     set_path(tree, *parse_override(text))
-  tree = expand_env(tree, environ)
+  try:
+    tree = expand_env(tree, environ)
+  except JobSpecError as e:
+    raise JobSpecError(source, e.problems) from None
   tree = resolve_paths(tree, base)
   try:
     spec = JobSpec.model_validate(tree)
@@ -451,7 +474,9 @@ def main_validate(args) -> int:
       bad += 1
       continue
     kinds = ", ".join(f"{t.name} ({t.kind})" for t in spec.tasks)
-    print(f"{job}: ok — job {spec.name!r}, {spec.input.format} from {spec.input.uri} → {spec.output.uri}; "
+    from pgbatch.redact import redact_uri
+    print(f"{job}: ok — job {spec.name!r}, {spec.input.format} from {redact_uri(spec.input.uri)} → "
+          f"{redact_uri(spec.output.uri)}; "
           f"tasks: {kinds}; {spec.resources.actors} {spec.resources.accelerator} actor(s)")
     if getattr(args, "inputs", False):
       from pgbatch.io import readers

@@ -718,11 +718,12 @@ def build_dataset(spec, items: list[dict], info: dict, provenance: dict, inherit
 def run(spec, progress: bool = True, stream=None) -> Summary:
   """Runs the job; never raises for bad data. Raises `InputError` when the input matches no shards."""
   from pgbatch.io import readers, sink as sink_lib
+  from pgbatch.redact import redact_uri
   import pgbatch
   start = time.monotonic()
   started_at = datetime.datetime.now(datetime.timezone.utc)
   run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-  summary = Summary(job=spec.name, run_id=run_id, output_uri=spec.output.uri)
+  summary = Summary(job=spec.name, run_id=run_id, output_uri=redact_uri(spec.output.uri))
   shards = readers.list_shards(spec.input.uri, spec.input.format, files_per_shard=spec.input.files_per_shard,
                                storage_options=dict(spec.input.storage_options) or None)
   out_schema = spec.output_schema()
@@ -738,7 +739,7 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
     summary.seconds = time.monotonic() - start
     return summary
   info = plan_info(spec)
-  provenance = {"model_variant": info["model_variant"], "checkpoint_uri": spec.model.checkpoint,
+  provenance = {"model_variant": info["model_variant"], "checkpoint_uri": redact_uri(spec.model.checkpoint),
                 "checkpoint_digest": info["checkpoint_digest"], "tokenizer_digest": info["tokenizer_digest"],
                 "pgbatch_version": pgbatch.__version__, "job_id": f"{spec.name}/{run_id}",
                 "started_at": started_at.isoformat(), "safety_filters": []}  # filled by SafetyPost
@@ -822,6 +823,8 @@ def main_run(args) -> int:
   except config.JobSpecError as e:
     print(str(e), file=sys.stderr)
     return 2
+  from pgbatch.redact import install_log_filter
+  install_log_filter(spec.secrets())
   from pgbatch.checkpoints import CheckpointError
   from pgbatch.tokenizer import TokenizerError
   try:

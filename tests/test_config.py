@@ -104,10 +104,43 @@ def test_environment_overrides_and_variables():
   assert spec.resources.batch_size == 16 and spec.output.uri == "gs://other/2026-12-01/"
   # --set wins over the environment
   assert config.from_dict(BASE, environ=env, overrides=["resources.batch_size=4"]).resources.batch_size == 4
-  assert config.from_dict(dict(BASE, name="n-${X:-d}"), environ={}).name == "n-d"
-  got = problems(dict(BASE, name="n-${UNSET_VAR}"))
-  assert got[0][0] == "name" and "${UNSET_VAR} is not set" in got[0][1]
+  got = problems(dict(BASE, output={"uri": "gs://b/${UNSET_VAR}/"}))
+  assert got[0][0] == "output.uri" and "${UNSET_VAR} is not set" in got[0][1]
   assert problems(environ={"PGBATCH__RESOURCES__ACTORS": "0"})[0][0] == "resources.actors"
+
+
+def test_environment_variables_expand_only_in_location_and_credential_fields():
+  env = {"SECRET": "hunter2-token-value", "B": "bkt"}
+  tree = dict(BASE, input=dict(BASE["input"], uri="gs://${B}/in/*.tar", storage_options={"token": "${SECRET}"}),
+              output={"uri": "gs://${B}/out/", "storage_options": {"headers": ["${SECRET}"]}})
+  spec = config.from_dict(tree, environ=env)
+  assert spec.input.uri == "gs://bkt/in/*.tar" and spec.input.storage_options == {"token": "hunter2-token-value"}
+  assert spec.output.storage_options == {"headers": ["hunter2-token-value"]}
+  # text that reaches every output row (prompts, the Parquet metadata) or provenance is never expanded
+  task = {"name": "vqa", "kind": "answer", "lang": "en", "question": "what is ${SECRET}?"}
+  for bad, field in ((dict(BASE, tasks=[task]), "tasks[0].question"), (dict(BASE, name="n-${SECRET}"), "name"),
+                     (dict(BASE, resources={"actors": "${SECRET}"}), "resources.actors")):
+    with pytest.raises(config.JobSpecError) as e:
+      config.from_dict(bad, environ=env, source="job.yaml")
+    assert e.value.problems[0][0] == field and "${SECRET}" in str(e.value), str(e.value)
+    assert "hunter2" not in str(e.value) and str(e.value).startswith("job.yaml: ")
+
+
+def test_validate_show_redacts_credentials(tmp_path, capsys):
+  key_json = '{"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----\\nMIIE\\n"}'
+  tree = dict(BASE, input=dict(BASE["input"], storage_options={"token": "${SECRET}", "project": "p1"}),
+              output={"uri": "https://user:pw-1234@h.example/o/?X-Goog-Signature=abcdef&x=1",
+                      "storage_options": {"key": "AKIA123", "secret": "s3cr3t-v", "extra": key_json}})
+  (tmp_path / "job.yaml").write_text(json.dumps(tree))
+  os.environ["SECRET"] = "ya29.oauth-token-value"
+  try:
+    assert cli.main(["validate", str(tmp_path / "job.yaml"), "--show"]) == 0
+  finally:
+    del os.environ["SECRET"]
+  out = capsys.readouterr().out
+  for secret in ("ya29.oauth-token-value", "pw-1234", "abcdef", "AKIA123", "s3cr3t-v", "MIIE", "private_key"):
+    assert secret not in out, (secret, out)
+  assert "project: p1" in out and "X-Goog-Signature=<redacted>&x=1" in out and "user:<redacted>@h.example" in out
 
 
 def test_load_resolves_relative_paths_against_the_job_file(tmp_path):
@@ -185,3 +218,15 @@ def test_readme_job_example_validates(tmp_path):
   spec = config.load(str(tmp_path / "job.yaml"), environ={})
   assert [t.kind for t in spec.tasks] == ["caption", "detect", "ocr", "answer"]
   assert spec.resources.accelerator == "tpu" and spec.safety.pii.action == "redact"
+
+
+def test_log_filter_redacts_secret_values():
+  import logging
+  from pgbatch import redact
+  spec = config.from_dict(dict(BASE, input=dict(BASE["input"], storage_options={"token": "ya29.tok-value"})),
+                          environ={})
+  assert spec.secrets() == {"ya29.tok-value"}
+  record = logging.LogRecord("pgbatch.x", logging.WARNING, __file__, 1, "opening with %s failed", ("ya29.tok-value",),
+                             None)
+  assert redact.RedactingFilter(spec.secrets()).filter(record) and record.getMessage() == "opening with <redacted> failed"
+  assert redact.redact_uri("gs://b/x") == "gs://b/x"
