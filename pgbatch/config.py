@@ -371,20 +371,42 @@ def _resolve(value: Optional[str], base: Optional[Path]) -> Optional[str]:
   return out + "/" if value.endswith("/") and not out.endswith("/") else out
 
 
+# Fields that name local files when they hold a relative or absolute path (`submit` ships the named files).
+PATH_FIELDS = ("input.uri", "output.uri", "model.checkpoint", "model.tokenizer", "model.vae", "safety.hashlist.uri")
+
+
+def get_path(tree: Any, path: str) -> Any:
+  """The value at a dotted `path` of a nested dict (None where any part is missing)."""
+  node = tree
+  for part in path.split("."):
+    node = node.get(part) if isinstance(node, dict) else None
+  return node
+
+
 def resolve_paths(tree: dict, base: Optional[Path]) -> dict:
-  """Relative local paths of the known URI fields → absolute (Ray workers have another cwd)."""
-  for section, key in (("input", "uri"), ("output", "uri"), ("model", "checkpoint"), ("model", "tokenizer"),
-                       ("model", "vae")):
-    node = tree.get(section)
+  """Relative local paths of the PATH_FIELDS (and input.allowed_sources) → absolute (Ray workers have another
+  cwd)."""
+  for field in PATH_FIELDS:
+    section, _, key = field.rpartition(".")
+    node = get_path(tree, section)
     if isinstance(node, dict) and isinstance(node.get(key), str):
       node[key] = _resolve(node[key], base)
-  safety = tree.get("safety")
-  if isinstance(safety, dict) and isinstance(safety.get("hashlist"), dict) and isinstance(
-      safety["hashlist"].get("uri"), str):
-    safety["hashlist"]["uri"] = _resolve(safety["hashlist"]["uri"], base)
   inp = tree.get("input")
   if isinstance(inp, dict) and isinstance(inp.get("allowed_sources"), list):
     inp["allowed_sources"] = [_resolve(s, base) if isinstance(s, str) else s for s in inp["allowed_sources"]]
+  return tree
+
+
+def merged_tree(tree: dict, overrides: Iterable[str] = (), environ: Optional[Mapping[str, str]] = None) -> dict:
+  """A copy of `tree` with the `PGBATCH__…` environment and `--set` overrides applied (no `${VAR}` expansion,
+  no path resolution): the spec as written, as it will be run."""
+  import copy
+  environ = os.environ if environ is None else environ
+  tree = copy.deepcopy(tree)
+  for path, value in env_overrides(environ):
+    set_path(tree, path, value, where="environment")
+  for text in overrides:
+    set_path(tree, *parse_override(text))
   return tree
 
 
@@ -394,12 +416,7 @@ def from_dict(tree: Any, overrides: Iterable[str] = (), environ: Optional[Mappin
   environ = os.environ if environ is None else environ
   if not isinstance(tree, dict):
     raise JobSpecError(source, [("", f"a job spec is a YAML mapping, got {type(tree).__name__}")])
-  import copy
-  tree = copy.deepcopy(tree)
-  for path, value in env_overrides(environ):
-    set_path(tree, path, value, where="environment")
-  for text in overrides:
-    set_path(tree, *parse_override(text))
+  tree = merged_tree(tree, overrides, environ)
   try:
     tree = expand_env(tree, environ)
   except JobSpecError as e:

@@ -1,9 +1,14 @@
 """`pgbatch submit JOB.yaml --address http://HEAD:8265` and `pgbatch status JOB_ID`: Ray's Job Submission API.
 
-What a submission carries (`ray job submit` semantics):
-- working_dir: a fresh folder with the job file at its root plus every *relative* local file, folder or
-  glob the spec names (rewritten to their copies). Not the whole cwd. Absolute paths and URLs
-  (gs://, s3://) are left alone: they must resolve on the cluster (object storage or a shared mount).
+What a submission carries (`ray job submit` semantics); `--dry-run` prints it and stops:
+- working_dir: a fresh folder with exactly the job: `job.yaml` (the spec with this shell's `PGBATCH__…` and
+  `--set` overrides baked in, so the spec that runs is the spec validated here) and, under `files/`, the local
+  files named by *relative* paths in the spec's path fields (`config.PATH_FIELDS`: input.uri, model.checkpoint
+  / tokenizer / vae, safety.hashlist.uri; never other strings): a named file (its split `.partNN` siblings), or
+  the files of a named folder or glob, without hidden files and without symlinks leading out of that folder.
+  Those fields are rewritten to the copies. Absolute paths, `${VAR}` paths and URLs (gs://, s3://) are left
+  alone: they must resolve on the cluster. A relative `output.uri` is refused: the job must write to shared
+  storage.
 - runtime_env, by `--env`:
   - `image` (with the infra/ manifests): nothing shipped; the container image has pgbatch and its dependencies.
   - `pip`: the pgbatch wheel built from this install (shipped in the working dir) + its dependencies
@@ -11,15 +16,14 @@ What a submission carries (`ray job submit` semantics):
     image lacks pgbatch. Ray itself is never pinned (the cluster's Ray is inherited).
   - `local` (development): the pgbatch source folder as a `py_modules` entry; the cluster already has
     the dependencies (e.g. the image of the previous release). Takes precedence over an installed pgbatch.
-  Every `PGBATCH__…` variable of the submitting shell goes along (`env_vars`), so the spec that runs is
-  the spec validated here (`pgbatch.config` reads them as field overrides).
-- entrypoint: `python -m pgbatch.cli run job.yaml [--set k=v …]` with JAX on CPU in the driver.
+- entrypoint: `python -m pgbatch.cli run job.yaml` with JAX on CPU in the driver.
 The spec is validated here first (with the overrides and environment), so a typo fails before any upload.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import importlib.metadata
 import os
@@ -45,56 +49,116 @@ NEVER_PIN = ("ray",)  # the cluster's Ray must not be replaced by a runtime env
 
 # --- working dir ----------------------------------------------------------------------------------------
 
-
-def _local_root(value: str) -> str | None:
-  """The part of a relative path or glob that must be copied, or None for URLs, absolute paths, words."""
-  if not value or URL.match(value) or os.path.isabs(value) or "\n" in value:
-    return None
-  parts = Path(value).parts
-  if GLOB_CHARS.search(value):
-    parts = parts[:next(i for i, p in enumerate(parts) if GLOB_CHARS.search(p))]
-  return str(Path(*parts)) if parts else None
+STAGED = "files"
+PART = re.compile(r"\.part\d+$")  # split big_vision checkpoints: x.npz.part00, x.npz.part01, ...
 
 
-def _walk_strings(node: Any, fn) -> Any:
-  """A copy of a YAML tree with `fn` applied to every string leaf."""
-  if isinstance(node, dict):
-    return {k: _walk_strings(v, fn) for k, v in node.items()}
-  if isinstance(node, list):
-    return [_walk_strings(v, fn) for v in node]
-  return fn(node) if isinstance(node, str) else node
+@dataclasses.dataclass(frozen=True)
+class Upload:
+  """One local file the job ships: which spec field names it, where it is here, where it lands."""
+  field: str
+  source: Path
+  dest: str  # relative to the working dir
+
+
+def _is_relative_local(value: Any) -> bool:
+  return (isinstance(value, str) and bool(value.strip()) and not URL.match(value) and "${" not in value
+          and not value.startswith(("/", "~", "file:")))
+
+
+def _staged_name(rel: str) -> str:
+  """`assets/tok.model` → `files/assets/tok.model`; `../m/x.npz` → `files/_parent/m/x.npz`."""
+  parts = ["_parent" if p == ".." else p for p in Path(os.path.normpath(rel)).parts if p not in ("", ".")]
+  return "/".join([STAGED, *parts])
+
+
+def _members(root: Path, paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
+  """(regular files under `root`, skipped): hidden files/folders (any part below root starting with ".") and
+  symlinks whose target is outside `root` are skipped."""
+  real_root, keep, skipped = root.resolve(), [], []
+  for p in sorted(set(paths)):
+    rel = p.relative_to(root)
+    if any(x.startswith(".") for x in rel.parts):
+      skipped.append(f"{p} (hidden)")
+    elif not p.resolve().is_relative_to(real_root):
+      skipped.append(f"{p} (symlink to {p.resolve()}, outside {root})")
+    elif p.is_file():
+      keep.append(p)
+  return keep, skipped
+
+
+def _walk(root: Path) -> list[Path]:
+  return [Path(d) / f for d, _, files in os.walk(root) for f in files]
+
+
+def uploads_for(field: str, value: str, base: Path) -> tuple[list[Upload], list[str]]:
+  """The files a relative path field names (see the module doc): a file (followed if a symlink: it is named),
+  its split `.partNN` siblings, a folder's or a glob's non-hidden files that stay inside it."""
+  from pgbatch.io.readers import expand_braces
+  if GLOB_CHARS.search(value) or "{" in value:
+    static = value[:min(m.start() for m in (GLOB_CHARS.search(value), re.search(r"\{", value)) if m)]
+    root_rel = static[:static.rfind("/") + 1] if "/" in static else ""
+    import glob
+    found = [Path(p) for pat in expand_braces(value) for p in glob.glob(str(base / pat), recursive=True)]
+    files, skipped = _members(base / root_rel, found)
+  elif (base / value).is_dir():
+    files, skipped = _members(base / value, _walk(base / value))
+  elif (base / value).is_file():
+    files, skipped = [base / value], []
+  else:
+    parent = (base / value).parent
+    files = sorted(p for p in parent.glob(Path(value).name + ".part*") if PART.search(p.name)) if parent.is_dir() else []
+    files, skipped = _members(parent, files)
+  base_real = os.path.normpath(str(base))
+  return [Upload(field, p, _staged_name(os.path.relpath(os.path.normpath(str(p)), base_real))) for p in files], skipped
+
+
+def plan_upload(job_path: str | os.PathLike, overrides: Iterable[str] = (), environ=None
+                ) -> tuple[dict, list[Upload], list[str]]:
+  """(the spec to stage, files to ship, skipped files) for `job_path` with the `PGBATCH__…` and `--set`
+  overrides baked in. Only `config.PATH_FIELDS` are looked at. Raises ValueError for a relative output."""
+  from pgbatch import config
+  job_path = Path(job_path).resolve()
+  base = job_path.parent
+  tree = config.merged_tree(yaml.safe_load(job_path.read_text()) or {}, overrides, environ)
+  out = config.get_path(tree, "output.uri")
+  if _is_relative_local(out):
+    raise ValueError(f"output.uri: {out!r} is a relative path; a cluster job must write to shared storage "
+                     "(gs://…, s3://…, or an absolute path on a mount every node shares)")
+  uploads: list[Upload] = []
+  skipped: list[str] = []
+  for field in config.PATH_FIELDS:
+    section, _, key = field.rpartition(".")
+    node, value = config.get_path(tree, section), config.get_path(tree, field)
+    if field == "output.uri" or not _is_relative_local(value):
+      continue
+    found, skip = uploads_for(field, value, base)
+    uploads += found
+    skipped += skip
+    if found:
+      node[key] = _staged_name(value) + ("/" if value.endswith("/") else "")
+  return tree, uploads, skipped
+
+
+def stage_working_dir(job_path: str | os.PathLike, dest: str | os.PathLike, overrides: Iterable[str] = (),
+                      environ=None) -> list[Upload]:
+  """Writes `dest/job.yaml` (the spec with overrides baked in and shipped paths rewritten) and copies exactly
+  the uploads of `plan_upload` under `dest/files/`. Returns the uploads."""
+  tree, uploads, skipped = plan_upload(job_path, overrides, environ)
+  dest = Path(dest)
+  for u in uploads:
+    (dest / u.dest).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(u.source, dest / u.dest)
+  dest.mkdir(parents=True, exist_ok=True)
+  (dest / JOB_FILE).write_text(yaml.safe_dump(tree, sort_keys=False))
+  for s in skipped:
+    print(f"pgbatch submit: not shipped: {s}", file=sys.stderr)
+  return uploads
 
 
 def _copy(src: Path, dst: Path) -> None:
   dst.parent.mkdir(parents=True, exist_ok=True)
-  if src.is_dir():
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-  else:
-    shutil.copy2(src, dst)
-
-
-def stage_working_dir(job_path: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
-  """Copy the job file to `dest/job.yaml` with the local files it references under `dest/files/`.
-
-  Relative paths are resolved against the job file's folder. Returns the copied relative paths.
-  """
-  job_path, dest = Path(job_path).resolve(), Path(dest)
-  base = job_path.parent
-  spec = yaml.safe_load(job_path.read_text()) or {}
-  copied: dict[str, str] = {}
-
-  def rewrite(value: str) -> str:
-    root = _local_root(value)
-    if root is None or not (base / root).exists() or (base / root).resolve() == job_path:
-      return value
-    if root not in copied:
-      copied[root] = f"files/{len(copied)}-{Path(root).name or 'root'}"
-      _copy(base / root, dest / copied[root])
-    return copied[root] + value[len(root):] if value.startswith(root) else value.replace(root, copied[root], 1)
-
-  dest.mkdir(parents=True, exist_ok=True)
-  (dest / JOB_FILE).write_text(yaml.safe_dump(_walk_strings(spec, rewrite), sort_keys=False))
-  return sorted(copied)
+  shutil.copy2(src, dst)
 
 
 # --- runtime env ----------------------------------------------------------------------------------------
@@ -160,15 +224,9 @@ def runtime_env(mode: str, working_dir: str, wheel_dir: str | None = None, env_v
   return env
 
 
-def forwarded_env(environ=None) -> dict:
-  """The `PGBATCH__…` field overrides of this shell (see `pgbatch.config`), for the job's environment."""
-  environ = os.environ if environ is None else environ
-  return {k: v for k, v in environ.items() if k.upper().startswith("PGBATCH__")}
-
-
-def entrypoint(overrides: Iterable[str] = ()) -> str:
-  sets = "".join(f" --set {shlex.quote(o)}" for o in overrides)
-  return f"JAX_PLATFORMS=cpu python -m pgbatch.cli run {JOB_FILE}{sets}"
+def entrypoint() -> str:
+  """The job's command: the staged spec (overrides already baked in), JAX on CPU in the driver."""
+  return f"JAX_PLATFORMS=cpu python -m pgbatch.cli run {JOB_FILE}"
 
 
 # --- local validation -----------------------------------------------------------------------------------
@@ -199,14 +257,28 @@ def submit(job_path: str, address: str | None = None, overrides: Iterable[str] =
   """Validate, stage and submit `job_path`; returns the Ray job id."""
   overrides = list(overrides)
   validate_locally(job_path, overrides)
-  env_vars = {**forwarded_env(), **(env_vars or {})}
   with tempfile.TemporaryDirectory(prefix="pgbatch-submit-") as tmp:
     work = os.path.join(tmp, "working_dir")
-    stage_working_dir(job_path, work)
+    stage_working_dir(job_path, work, overrides)
     env = runtime_env(env_mode, work, os.path.join(tmp, "wheel"), env_vars)
     return client(address).submit_job(
-        entrypoint=entrypoint(overrides), runtime_env=env, submission_id=submission_id,
+        entrypoint=entrypoint(), runtime_env=env, submission_id=submission_id,
         metadata={"pgbatch_job": Path(job_path).name})
+
+
+def dry_run(job_path: str, overrides: Iterable[str] = (), env_mode: str = "pip", out=None) -> None:
+  """Validate and print what `submit` would upload (nothing is built, copied or sent)."""
+  out = out or sys.stdout
+  overrides = list(overrides)
+  validate_locally(job_path, overrides)
+  _, uploads, skipped = plan_upload(job_path, overrides)
+  print(f"{JOB_FILE}\t(the spec{', with the overrides' if overrides else ''})", file=out)
+  for u in uploads:
+    print(f"{u.dest}\t{u.source}\t{u.source.stat().st_size} B\t{u.field}", file=out)
+  if env_mode == "pip":
+    print("wheels/<sha256>/pgbatch-*.whl\t(built from this install at submit)", file=out)
+  for s_ in skipped:
+    print(f"pgbatch submit: not shipped: {s_}", file=sys.stderr)
 
 
 def follow(address: str | None, job_id: str, out=None) -> str:
@@ -250,10 +322,15 @@ def register_submit(parser: argparse.ArgumentParser) -> None:
                            "(default) | this source folder, dependencies already there")
   parser.add_argument("--submission-id", default=None, help="job id to use (default: Ray picks one)")
   parser.add_argument("--follow", action="store_true", help="stream logs until the job ends")
+  parser.add_argument("--dry-run", action="store_true",
+                      help="validate and print the upload list (working-dir path, local file, size, spec field)")
 
 
 def main_submit(args: argparse.Namespace) -> int:
   try:
+    if getattr(args, "dry_run", False):
+      dry_run(args.job, args.overrides, args.env_mode)
+      return 0
     job_id = submit(args.job, args.address, args.overrides, args.env_mode, args.submission_id)
   except (ValueError, ConnectionError) as e:
     print(f"pgbatch submit: {e}", file=sys.stderr)

@@ -41,16 +41,68 @@ def job_dir(tmp_path):
 
 def test_stage_copies_only_referenced_files(job_dir, tmp_path_factory):
   dest = tmp_path_factory.mktemp("wd")
-  copied = submit.stage_working_dir(job_dir / "job.yaml", dest)
-  assert copied == ["assets/tok.model", "shards"]
+  uploads = submit.stage_working_dir(job_dir / "job.yaml", dest)
+  assert [(u.field, u.dest) for u in uploads] == [
+      ("input.uri", "files/shards/s0.tar"), ("input.uri", "files/shards/s1.tar"),
+      ("model.tokenizer", "files/assets/tok.model")]
   staged = yaml.safe_load((dest / "job.yaml").read_text())
-  assert staged["input"]["uri"].endswith("-shards/*.tar")
+  assert staged["input"]["uri"] == "files/shards/*.tar"
   assert sorted(p.name for p in dest.glob(staged["input"]["uri"])) == ["s0.tar", "s1.tar"]
   assert (dest / staged["model"]["tokenizer"]).read_bytes() == b"sp"
   # URLs, absolute paths and plain words are untouched; unreferenced files stay home.
   assert staged["model"]["checkpoint"] == "gs://bucket/ckpt.npz"
   assert staged["output"]["uri"] == "/abs/out" and staged["tasks"][0]["name"] == "caption_en"
   assert not list(dest.rglob("unrelated.bin"))
+
+
+def test_dry_run_lists_exactly_the_named_files(tmp_path, capsys, monkeypatch):
+  """A job folder with a .env, hidden files, a symlink to a file outside, a folder named like a task and a
+  relative output: only the files the spec's path fields name are listed; the relative output is refused."""
+  job = tmp_path / "job"
+  (job / "shards" / ".cache").mkdir(parents=True)
+  (job / "shards" / "a.tar").write_bytes(b"t")
+  (job / "shards" / ".hidden.tar").write_bytes(b"h")
+  (job / "shards" / ".cache" / "b.tar").write_bytes(b"c")
+  (tmp_path / "outside.tar").write_bytes(b"o")
+  os.symlink(tmp_path / "outside.tar", job / "shards" / "link.tar")
+  (job / ".env").write_text("GOOGLE_APPLICATION_CREDENTIALS=/keys/sa.json\n")
+  (job / "caption_en").mkdir()  # a folder named like a task: the task keeps its name
+  (job / "caption_en" / "x.txt").write_text("x")
+  (job / "model").mkdir()
+  (job / "model" / "tok.model").write_bytes(b"sp")
+  (job / "model" / "ckpt.npz.part00").write_bytes(b"0")
+  (job / "model" / "ckpt.npz.part01").write_bytes(b"1")
+  (job / "model" / "notes.md").write_text("n")
+  spec = {"name": "caps", "input": {"uri": "shards/*.tar"}, "output": {"uri": "out/"},
+          "model": {"variant": "tiny-pg2", "checkpoint": "model/ckpt.npz", "tokenizer": "model/tok.model"},
+          "tasks": [{"name": "caption_en", "kind": "caption", "lang": "en"}]}
+  (job / "job.yaml").write_text(yaml.safe_dump(spec))
+  monkeypatch.delenv("PGBATCH__OUTPUT__URI", raising=False)
+  assert cli.main(["submit", str(job / "job.yaml"), "--dry-run"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("pgbatch submit: ") and "output.uri: 'out/' is a relative path" in err
+  assert len(err.strip().splitlines()) == 1
+  out_dir = str(tmp_path / "shared" / "out") + "/"
+  assert cli.main(["submit", str(job / "job.yaml"), "--dry-run", "--env", "image", "--set",
+                   f"output.uri={out_dir}"]) == 0
+  out, err = capsys.readouterr()
+  listed = [line.split("\t")[:2] for line in out.splitlines()]
+  assert listed == [["job.yaml", "(the spec, with the overrides)"],
+                    ["files/shards/a.tar", str(job / "shards" / "a.tar")],
+                    ["files/model/ckpt.npz.part00", str(job / "model" / "ckpt.npz.part00")],
+                    ["files/model/ckpt.npz.part01", str(job / "model" / "ckpt.npz.part01")],
+                    ["files/model/tok.model", str(job / "model" / "tok.model")]], out
+  assert "link.tar" in err and "outside" in err and ".env" not in out + err
+  # the staged spec: the task untouched, overrides baked in, paths rewritten to the copies
+  dest = tmp_path / "wd"
+  submit.stage_working_dir(job / "job.yaml", dest, [f"output.uri={out_dir}"])
+  staged = yaml.safe_load((dest / "job.yaml").read_text())
+  assert staged["tasks"] == spec["tasks"] and staged["name"] == "caps" and staged["output"]["uri"] == out_dir
+  assert staged["model"]["checkpoint"] == "files/model/ckpt.npz" and staged["input"]["uri"] == "files/shards/*.tar"
+  shipped = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+  assert shipped == ["files/model/ckpt.npz.part00", "files/model/ckpt.npz.part01", "files/model/tok.model",
+                     "files/shards/a.tar", "job.yaml"]
+  assert not (dest / "files" / "shards" / "link.tar").exists()
 
 
 def test_pinned_requirements_exclude_ray_and_extras():
@@ -82,9 +134,8 @@ def test_runtime_env_pip_ships_wheel(tmp_path):
   assert env["pip"]["packages"][:-1] == submit.pinned_requirements()
 
 
-def test_entrypoint_quotes_overrides():
-  ep = submit.entrypoint(["resources.actors=2", "name=a b"])
-  assert ep == "JAX_PLATFORMS=cpu python -m pgbatch.cli run job.yaml --set resources.actors=2 --set 'name=a b'"
+def test_entrypoint_runs_the_staged_spec():
+  assert submit.entrypoint() == "JAX_PLATFORMS=cpu python -m pgbatch.cli run job.yaml"
 
 
 def test_validate_rejects_bad_specs_before_upload(job_dir, tmp_path):
