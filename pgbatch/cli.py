@@ -17,7 +17,7 @@ COMMANDS = {
     "submit": ("pgbatch.submit", "submit a job to a Ray cluster (Job Submission API)"),
     "status": ("pgbatch.submit", "status and logs of a submitted job"),
     "models": ("pgbatch.model.configs", "list model variants with parameter counts"),
-    "convert": ("pgbatch.checkpoints", "convert big_vision .npz <-> Hugging Face safetensors"),
+    "convert": ("pgbatch.checkpoints.convert", "convert big_vision .npz <-> Hugging Face safetensors"),
     "schema": ("pgbatch.schema", "export or show the output contract"),
     "safety": ("pgbatch.safety.cli", "show the resolved safety policy, calibrate thresholds"),
     "bench": ("pgbatch.bench", "engine or pipeline throughput benchmark"),

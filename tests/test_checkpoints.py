@@ -24,9 +24,12 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from pgbatch import checkpoints as C
+from pgbatch.checkpoints.architecture import _dims
+from pgbatch.checkpoints.checkpoint import _fingerprint
 from pgbatch import tokenizer as T
 from pgbatch.cli import main
 from pgbatch.model import configs, from_params, load, make_mesh, random_params
+from pgbatch.model.loading import place
 from pgbatch.model.sharding import param_sharding
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -293,7 +296,7 @@ def test_place_keeps_no_host_copy(ckdir):
       alive.append(weakref.ref(a))
       return a
     ck._reader = tracked  # pylint: disable=protected-access
-    for name, arr in C.place(ck, BF16, mesh):
+    for name, arr in place(ck, BF16, mesh):
       assert arr.dtype == BF16 and arr.sharding == param_sharding(name, arr.shape, mesh)
       assert sum(r() is not None for r in alive[:-2]) == 0, name
       n += 1
@@ -321,7 +324,7 @@ def test_provenance_digest_and_sha256(ckdir, gcs_ckpts, tmp_path):
   assert remote.info.full_sha256() == whole and len(remote.info.files) == 3
   gcs_info = C.open_checkpoint(f"{gcs_ckpts}/pg2.npz").info
   assert gcs_info.digest != a.info.digest  # GCS: md5 of the content; local: mtime
-  assert C._fingerprint(fs_info(gcs_info)).startswith("md5Hash=")  # pylint: disable=protected-access
+  assert _fingerprint(fs_info(gcs_info)).startswith("md5Hash=")  # pylint: disable=protected-access
   # A changed file changes the cheap digest.
   copy = tmp_path / "copy.npz"
   shutil.copy(npz, copy)
@@ -350,7 +353,7 @@ def test_config_inferred_from_shapes_for_every_variant():
 def test_config_inferred_from_hf_config_for_every_variant():
   for name, cfg in configs.VARIANTS.items():
     got = C.config_from_hf(json.loads(json.dumps(C.hf_config_dict(cfg))))
-    assert got.name == name and C._dims(got) == C._dims(cfg), name  # pylint: disable=protected-access
+    assert got.name == name and _dims(got) == _dims(cfg), name  # pylint: disable=protected-access
     if cfg.text.post_norms:  # HF numerics written explicitly
       assert got.text.attn_logits_softcap == 50.0 and got.text.query_scale == pytest.approx(cfg.text.query_scale)
 
@@ -384,7 +387,7 @@ def test_npz_as_numpy_writes_it(tmp_path):
   np.savez(tmp_path / "u.npz", **members)
   for name in ("c.npz", "u.npz"):
     with C.open_checkpoint(str(tmp_path / name)) as ck:
-      assert C._dims(ck.config) == C._dims(cfg)  # pylint: disable=protected-access
+      assert _dims(ck.config) == _dims(cfg)  # pylint: disable=protected-access
       got = dict(ck.tensors(dtype=BF16))
     assert set(got) == set(p)
     for k, v in p.items():
