@@ -14,6 +14,7 @@ COMMANDS = {
     "run": ("pgbatch.pipeline", "run a job spec"),
     "validate": ("pgbatch.config", "check a job spec without running it"),
     "inspect": ("pgbatch.inspect", "counts, error reasons and sample rows of an output"),
+    "publish": ("pgbatch.publish", "append an output's committed files to an Apache Iceberg table"),
     "submit": ("pgbatch.submit", "submit a job to a Ray cluster (Job Submission API)"),
     "status": ("pgbatch.submit", "status and logs of a submitted job"),
     "models": ("pgbatch.model.configs", "list model variants with parameter counts"),
