@@ -27,13 +27,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pgbatch import placement
+from pgbatch.fsutil import is_local_path
 from pgbatch.safety.policy import SafetyPolicy
 
 FORMATS = ("webdataset", "parquet", "images")
 DTYPES = ("bfloat16", "float32", "float16")
 ENV_PREFIX = "PGBATCH__"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -359,12 +359,8 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, Any]]:
   return out
 
 
-def _is_local(value: str) -> bool:
-  return bool(value) and not URL_RE.match(value) and not value.startswith("file:")
-
-
 def _resolve(value: Optional[str], base: Optional[Path]) -> Optional[str]:
-  if value is None or base is None or not _is_local(value):
+  if value is None or base is None or not is_local_path(value):
     return value
   p = Path(os.path.expanduser(value))
   out = str(p if p.is_absolute() else (base / p))
@@ -439,7 +435,7 @@ def load(path: str, overrides: Iterable[str] = (), environ: Optional[Mapping[str
   path = str(path)
   base = None
   try:
-    if _is_local(path):
+    if is_local_path(path):
       text = Path(path).read_text()
       base = Path(path).resolve().parent
     else:

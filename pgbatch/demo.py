@@ -194,9 +194,9 @@ def run_demo(workdir=DEFAULT_WORKDIR, progress: bool = True, out=None) -> int:
     say(f"  parquet: {f}")
   say(f"  manifest: {root / 'output' / '_manifest'}")
   if summary.files:
-    from pgbatch import inspect
+    from pgbatch import inspection
     say("")
-    say(inspect.format_report(inspect.summarize(str(root / "output"), rows=2)))
+    say(inspection.format_report(inspection.summarize(str(root / "output"), rows=2)))
     say("")
   say(f"inspect it: pgbatch inspect {root / 'output'}")
   say(f"query it:   pip install duckdb && python -c \"import duckdb; duckdb.sql(\\\"SELECT key, status, caption_en.text "

@@ -35,78 +35,22 @@ pixel box with PIL bilinear on the float logits and thresholded at > 0 (the big_
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from pgbatch.schema import field, list_of
+from pgbatch import masks
+from pgbatch.schema import ARROW_TYPES, META_TASKS
+from pgbatch.tokenizer import LOCS_PER_BOX, NUM_LOC, NUM_SEG, SEGS_PER_MASK
 
 KINDS = ("caption", "ocr", "answer", "detect", "segment")
 TEXT_KINDS = ("caption", "ocr", "answer")
-LOC_BINS = 1024   # box edge = v / LOC_BINS
-NUM_LOC = 4
-NUM_SEG = 16
-SEG_CODES = 128
 NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 LANG_RE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
 SPEC_KEYS = ("name", "kind", "lang", "classes", "question", "question_field", "max_new_tokens")
-
-# ---------------------------------------------------------------------------------------------------------
-# Arrow types
-
-TEXT_TYPE = pa.struct([
-    field("text", pa.string(), "model output up to EOS, surrounding whitespace stripped", False),
-    field("prompt", pa.string(), "prompt text sent with the image (without BOS and the trailing newline)"),
-    field("num_tokens", pa.int32(), "tokens generated, EOS included when emitted", False),
-    field("truncated", pa.bool_(), "decoding hit max_new_tokens before EOS", False),
-])
-
-PARSE_ERROR_TYPE = pa.struct([
-    field("part", pa.string(), "the piece of model text that was not understood", False),
-    field("reason", pa.string(), "why it was rejected", False),
-])
-
-_BOX_FIELDS = [
-    field("label", pa.string(), "class, one of the task's classes (the job's spelling)", False),
-    field("ymin", pa.float32(), "top edge, fraction of the original image height (loc / 1024)", False),
-    field("xmin", pa.float32(), "left edge, fraction of the original image width (loc / 1024)", False),
-    field("ymax", pa.float32(), "bottom edge, fraction of the original image height (loc / 1024)", False),
-    field("xmax", pa.float32(), "right edge, fraction of the original image width (loc / 1024)", False),
-    field("ymin_px", pa.int32(), "top edge in original pixels, round(ymin * height)", False),
-    field("xmin_px", pa.int32(), "left edge in original pixels, round(xmin * width)", False),
-    field("ymax_px", pa.int32(), "bottom edge in original pixels (exclusive), round(ymax * height)", False),
-    field("xmax_px", pa.int32(), "right edge in original pixels (exclusive), round(xmax * width)", False),
-]
-
-MASK_TYPE = pa.struct([
-    field("height", pa.int32(), "mask height = original image height", False),
-    field("width", pa.int32(), "mask width = original image width", False),
-    field("rle", list_of(pa.int32()), "COCO uncompressed RLE counts, column-major, starting with zeros", False),
-])
-
-DETECTION_TYPE = pa.struct(_BOX_FIELDS)
-SEGMENTATION_TYPE = pa.struct(_BOX_FIELDS + [
-    field("mask", MASK_TYPE, "instance mask over the whole image; null when the seg tokens were unusable"),
-])
-
-
-def _located_type(object_type: pa.DataType, what: str) -> pa.DataType:
-  return pa.struct([
-      field("objects", list_of(object_type), f"{what} that parsed, in output order (labels may repeat)", False),
-      field("raw", pa.string(), "model output up to EOS, verbatim", False),
-      field("prompt", pa.string(), "prompt text sent with the image"),
-      field("num_tokens", pa.int32(), "tokens generated, EOS included when emitted", False),
-      field("truncated", pa.bool_(), "decoding hit max_new_tokens before EOS", False),
-      field("parse_errors", list_of(PARSE_ERROR_TYPE), "parts of `raw` that were dropped or incomplete", False),
-  ])
-
-
-DETECT_TYPE = _located_type(DETECTION_TYPE, "boxes")
-SEGMENT_TYPE = _located_type(SEGMENTATION_TYPE, "instances")
-ARROW_TYPES = {"caption": TEXT_TYPE, "ocr": TEXT_TYPE, "answer": TEXT_TYPE,
-               "detect": DETECT_TYPE, "segment": SEGMENT_TYPE}
 
 # ---------------------------------------------------------------------------------------------------------
 # Task
@@ -213,7 +157,7 @@ class Task:
       rows.append({"objects": [to_pixels(o, int(w), int(h)) for o in objects], "raw": clean_text(s), **c,
                    "parse_errors": errors})
     if self.kind == "segment":
-      attach_masks(rows, widths, heights, self.vae)
+      masks.attach_masks(rows, widths, heights, self.vae)
     return rows
 
 
@@ -371,12 +315,12 @@ def parse_objects(text: str, classes: Sequence[str], segment: bool = False,
     last = end >= n or all(it[0] == "sep" for it in items[end:])
     cut = " (output truncated)" if truncated and last else ""
     i = end
-    if len(locs) != NUM_LOC:
-      errors.append({"part": part, "reason": f"expected {NUM_LOC} location tokens, got {len(locs)}{cut}"})
+    if len(locs) != LOCS_PER_BOX:
+      errors.append({"part": part, "reason": f"expected {LOCS_PER_BOX} location tokens, got {len(locs)}{cut}"})
       continue
     ymin, xmin, ymax, xmax = locs
-    if max(locs) >= LOC_BINS:
-      errors.append({"part": part, "reason": f"location value above {LOC_BINS - 1}"})
+    if max(locs) >= NUM_LOC:
+      errors.append({"part": part, "reason": f"location value above {NUM_LOC - 1}"})
       continue
     if ymax <= ymin or xmax <= xmin:
       errors.append({"part": part, "reason": "empty or inverted box (needs ymax > ymin and xmax > xmin)"})
@@ -388,15 +332,15 @@ def parse_objects(text: str, classes: Sequence[str], segment: bool = False,
     if matched is None:
       errors.append({"part": part, "reason": f"label {label!r} is not one of the task's classes"})
       continue
-    obj = {"label": matched, "ymin": ymin / LOC_BINS, "xmin": xmin / LOC_BINS,
-           "ymax": ymax / LOC_BINS, "xmax": xmax / LOC_BINS}
+    obj = {"label": matched, "ymin": ymin / NUM_LOC, "xmin": xmin / NUM_LOC,
+           "ymax": ymax / NUM_LOC, "xmax": xmax / NUM_LOC}
     if segment:
       codes = None
-      if len(segs) != NUM_SEG:
-        errors.append({"part": part, "reason": f"expected {NUM_SEG} segmentation tokens, got {len(segs)}; "
+      if len(segs) != SEGS_PER_MASK:
+        errors.append({"part": part, "reason": f"expected {SEGS_PER_MASK} segmentation tokens, got {len(segs)}; "
                        "box kept without mask"})
-      elif max(segs) >= SEG_CODES:
-        errors.append({"part": part, "reason": f"segmentation code above {SEG_CODES - 1}; box kept without mask"})
+      elif max(segs) >= NUM_SEG:
+        errors.append({"part": part, "reason": f"segmentation code above {NUM_SEG - 1}; box kept without mask"})
       else:
         codes = segs
       obj["codes"] = codes
@@ -414,49 +358,6 @@ def to_pixels(obj: dict, width: int, height: int) -> dict:
   return out
 
 
-def paste_mask(logits: np.ndarray, box_px: tuple[int, int, int, int], width: int, height: int) -> np.ndarray:
-  """float [64, 64] decoder logits -> bool [height, width]: bilinear resize to the pixel box, then > 0."""
-  from PIL import Image
-  y1, x1, y2, x2 = box_px
-  y1, y2 = max(0, min(y1, height)), max(0, min(y2, height))
-  x1, x2 = max(0, min(x1, width)), max(0, min(x2, width))
-  out = np.zeros((height, width), bool)
-  if y2 > y1 and x2 > x1:
-    img = Image.fromarray(np.ascontiguousarray(logits, np.float32)).resize((x2 - x1, y2 - y1), Image.BILINEAR)
-    out[y1:y2, x1:x2] = np.asarray(img) > 0.0
-  return out
-
-
-def rle_encode(mask: np.ndarray) -> list[int]:
-  """bool [H, W] -> COCO uncompressed RLE counts (column-major runs, first run counts zeros)."""
-  flat = np.asarray(mask, bool).ravel(order="F")
-  if flat.size == 0:
-    return []
-  change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-  bounds = np.concatenate([[0], change, [flat.size]])
-  counts = np.diff(bounds).tolist()
-  return ([0] + counts) if flat[0] else counts
-
-
-def rle_decode(counts: Sequence[int], height: int, width: int) -> np.ndarray:
-  """COCO uncompressed RLE counts -> bool [height, width]."""
-  values = np.arange(len(counts)) % 2 == 1
-  flat = np.repeat(values, np.asarray(counts, np.int64))
-  if flat.size != height * width:
-    raise ValueError(f"RLE covers {flat.size} pixels, expected {height}x{width}")
-  return flat.reshape((height, width), order="F")
-
-
-def attach_masks(rows: list[dict], widths: Sequence[int], heights: Sequence[int],
-                 vae: Callable[[np.ndarray], np.ndarray]) -> None:
-  """Replaces each object's `codes` by `mask` (or None), decoding every row's codes in one VAE call."""
-  todo = [(r, o) for r in range(len(rows)) for o in rows[r]["objects"] if o.get("codes") is not None]
-  logits = vae(np.array([o["codes"] for _, o in todo], np.int32).reshape(-1, NUM_SEG)) if todo else []
-  for (r, obj), m64 in zip(todo, logits):
-    w, h = int(widths[r]), int(heights[r])
-    box = (obj["ymin_px"], obj["xmin_px"], obj["ymax_px"], obj["xmax_px"])
-    obj["mask"] = {"height": h, "width": w, "rle": rle_encode(paste_mask(m64, box, w, h))}
-  for row in rows:
-    for obj in row["objects"]:
-      obj.pop("codes", None)
-      obj.setdefault("mask", None)
+def tasks_of(schema: pa.Schema) -> list[Task]:
+  """The tasks recorded in an output schema's metadata (e.g. `pq.read_schema(path)`)."""
+  return [make_task(d) for d in json.loads((schema.metadata or {})[META_TASKS])]

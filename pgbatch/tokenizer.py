@@ -18,7 +18,8 @@ import fsspec
 import sentencepiece as spm
 
 PAD, EOS, BOS, UNK = 0, 1, 2, 3
-NUM_LOC, NUM_SEG = 1024, 128
+NUM_LOC, NUM_SEG = 1024, 128    # loc tokens (box edge bins), seg tokens (VQ-VAE codes)
+LOCS_PER_BOX, SEGS_PER_MASK = 4, 16  # the detect/segment output: 4 loc tokens per box, 16 seg tokens per mask
 LOC0 = 256_000
 SEG0 = LOC0 + NUM_LOC            # 257024
 VOCAB_SIZE = SEG0 + NUM_SEG      # 257152

@@ -224,7 +224,7 @@ def test_parquet_input_with_per_image_questions(parquet_job):
       assert r["vqa"]["prompt"] == f"answer en {q}" and r["masks"]["prompt"] == "segment cat"
       assert isinstance(r["masks"]["objects"], list)
   (t,) = parquet_job["tables"].values()
-  assert t.schema.field("masks").type == tasks.SEGMENT_TYPE and t.schema.field("vqa").type == tasks.TEXT_TYPE
+  assert t.schema.field("masks").type == schema.SEGMENT_TYPE and t.schema.field("vqa").type == schema.TEXT_TYPE
 
 
 def test_question_fields_come_from_columns_or_the_json_sidecar():
@@ -313,7 +313,7 @@ def test_model_that_fails_to_load_in_the_actors_fails_the_run_and_writes_nothing
 
 
 def test_inspect_warns_about_files_without_a_manifest_entry(parquet_job, capsys):
-  from pgbatch import inspect
+  from pgbatch import inspection as inspect
   stray = parquet_job["out"] / "left-over-0123456789ab.parquet"
   stray.write_bytes(b"PAR1 from a killed run")
   try:

@@ -21,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pgbatch import masks as M
 from pgbatch import schema as S
+from pgbatch import schema_docs as D
 from pgbatch import tasks as T
 from pgbatch.model import vqvae
 
@@ -78,7 +80,7 @@ EXPECTED["ocr"] = EXPECTED["answer"] = EXPECTED["caption"]
 
 @pytest.mark.parametrize("kind", T.KINDS)
 def test_arrow_types_per_kind(kind):
-  t = T.ARROW_TYPES[kind]
+  t = S.ARROW_TYPES[kind]
   assert plain(t) == EXPECTED[kind]
   for path, f in fields_of(t):
     assert (f.metadata or {}).get(b"doc"), f"{kind}: {path} has no doc"
@@ -88,7 +90,7 @@ def test_arrow_types_per_kind(kind):
 
 
 def test_output_schema_layout_and_metadata():
-  tasks = S.canonical_tasks()
+  tasks = D.canonical_tasks()
   sch = S.output_schema(tasks)
   assert sch.names == list(S.FIXED_NAMES) + ["caption_en", "ocr", "vqa", "detections", "segments"]
   assert S.FIXED_NAMES == ("key", "source_uri", "shard", "sha256", "width", "height", "metadata", "status", "error",
@@ -105,9 +107,9 @@ def test_output_schema_layout_and_metadata():
       assert (sub.metadata or {}).get(b"doc"), f"{f.name}.{path}"
   assert sch.metadata[S.META_VERSION] == b"1"
   assert json.loads(sch.metadata[S.META_TASKS]) == [t.spec() for t in tasks]
-  assert S.tasks_of(sch) == tasks
+  assert T.tasks_of(sch) == tasks
   other = S.output_schema([T.make_task({"name": "boxes", "kind": "detect", "classes": ["x"]})])
-  assert other.names[-1] == "boxes" and other.field("boxes").type == T.DETECT_TYPE
+  assert other.names[-1] == "boxes" and other.field("boxes").type == S.DETECT_TYPE
 
 
 @pytest.mark.parametrize("names,msg", [(["status"], "a fixed output column"), (["a", "a"], "another task"),
@@ -132,12 +134,12 @@ def test_schemas_dir_matches_the_code(tmp_path):
   for name in written:
     assert (ROOT / "schemas" / name).read_text() == (out / name).read_text(), \
         f"schemas/{name} is stale: run `pgbatch schema export`"
-  assert json.loads((ROOT / "schemas" / f"{S.SCHEMA_NAME}.json").read_text()) == S.json_schema()
+  assert json.loads((ROOT / "schemas" / f"{S.SCHEMA_NAME}.json").read_text()) == D.json_schema()
 
 
 def test_markdown_documents_every_column():
   md = (ROOT / "schemas" / f"{S.SCHEMA_NAME}.md").read_text()
-  sch = S.output_schema(S.canonical_tasks())
+  sch = S.output_schema(D.canonical_tasks())
   for f in sch:
     assert f"| `{f.name}` |" in md
     for path, sub in fields_of(f.type):
@@ -188,7 +190,7 @@ def _fixed(key, shard, status, w=640, h=480, error=None, decision="pass"):
 def job(tmp_path_factory):
   """(tasks by name, rows per file, output dir) for the canonical job."""
   vae = vqvae.make_decoder(vqvae.params_from_npz(vqvae.random_npz_arrays(seed=5, emb_dim=8)))
-  tasks = {t.name: t for t in S.canonical_tasks()}
+  tasks = {t.name: t for t in D.canonical_tasks()}
   tasks["segments"] = tasks["segments"].bind(vae)
   outputs = [  # (key, w, h, caption, ocr, question, answer, detect text, segment text)
       ("a", 640, 480, "a red car parked next to a dog", "STOP", "what color is the car?", "red",
@@ -239,13 +241,13 @@ def test_parquet_keeps_types_docs_and_task_list(job):
     back = pq.read_table(os.path.join(out, name))
     assert back.schema.equals(sch, check_metadata=True)
     assert back.schema.field("detections").type.field("objects").type.value_type.field("ymin").metadata[b"doc"]
-    assert S.tasks_of(back.schema) == list(tasks.values())
+    assert T.tasks_of(back.schema) == list(tasks.values())
     assert back.to_pylist() == rows
 
 
 def test_rows_match_the_json_schema(job):
-  validator = jsonschema.Draft202012Validator(S.json_schema())
-  jsonschema.Draft202012Validator.check_schema(S.json_schema())
+  validator = jsonschema.Draft202012Validator(D.json_schema())
+  jsonschema.Draft202012Validator.check_schema(D.json_schema())
   as_json = lambda r: json.loads(json.dumps(r, default=lambda d: d.isoformat()))
   rows = [as_json(r) for r in _all_rows(job)]
   for r in rows:
@@ -320,7 +322,7 @@ def test_masks_decode_with_pycocotools_after_the_round_trip(job):
       assert (m["height"], m["width"]) == (row["height"], row["width"])
       rle = mask_utils.frPyObjects({"size": [m["height"], m["width"]], "counts": m["rle"]}, m["height"], m["width"])
       decoded = mask_utils.decode(rle).astype(bool)
-      np.testing.assert_array_equal(decoded, T.rle_decode(m["rle"], m["height"], m["width"]))
+      np.testing.assert_array_equal(decoded, M.rle_decode(m["rle"], m["height"], m["width"]))
       assert decoded[:obj["ymin_px"]].sum() == 0 and decoded[obj["ymax_px"]:].sum() == 0
       n += 1
   assert n == 2
@@ -342,7 +344,7 @@ def test_example_queries_return_the_expected_values(job):
   assert labels == {"car": 2, "dog": 2, "person": 1}  # the corpus above: repeated, unknown and inverted boxes
   glob = f"{out}/*.parquet"
   results = {}
-  for title, lang, code in S.EXAMPLE_QUERIES:
+  for title, lang, code in D.EXAMPLE_QUERIES:
     assert "out/*.parquet" in code, title
     code = code.replace("out/*.parquet", glob)
     if lang == "sql":
@@ -364,7 +366,7 @@ def test_example_queries_return_the_expected_values(job):
   assert by("Detections per label (Polars)").rows() == [("car", 2), ("dog", 2), ("person", 1)]
   assert by("Mean caption length (Polars)").item() == pytest.approx(mean_chars)
   coco = by("Segment masks as COCO RLE (pycocotools)")
-  areas = {k: [(label, int(T.rle_decode(o["mask"]["rle"], o["mask"]["height"], o["mask"]["width"]).sum()))
+  areas = {k: [(label, int(M.rle_decode(o["mask"]["rle"], o["mask"]["height"], o["mask"]["width"]).sum()))
                for r in ok if r["key"] == k for o in r["segments"]["objects"] if o["mask"] is not None
                for label in [o["label"]]] for k in ("a", "b")}
   assert coco == areas and all(a > 0 for v in areas.values() for _, a in v)
@@ -377,7 +379,7 @@ def test_readme_output_contract_snippets_run(job):
   readme = (ROOT / "README.md").read_text()
   section = readme.split("\n## Output contract\n", 1)[1].split("\n## ", 1)[0]
   for kind in ("detect", "segment"):
-    for path, f in fields_of(T.ARROW_TYPES[kind]):
+    for path, f in fields_of(S.ARROW_TYPES[kind]):
       assert path.split(".")[-1] in section, (kind, path)
   blocks = re.findall(r"```(sql|python)\n(.*?)```", section, re.S)
   assert [lang for lang, _ in blocks] == ["sql", "python", "python"]

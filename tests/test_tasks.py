@@ -8,6 +8,8 @@ import pyarrow as pa
 import pytest
 from pycocotools import mask as mask_utils
 
+from pgbatch import masks as M
+from pgbatch import schema as S
 from pgbatch import tasks as T
 from pgbatch.model import vqvae
 
@@ -81,7 +83,7 @@ def test_default_decode_lengths_and_spec_round_trip():
   assert [t.max_new_tokens for t in got] == [64, 128, 32, 16 + 2 * 32, 16 + 48]
   for t in got:
     assert T.make_task(t.spec()) == t
-    assert t.arrow_type == T.ARROW_TYPES[t.kind]
+    assert t.arrow_type == S.ARROW_TYPES[t.kind]
   assert T.make_task({"name": "c", "kind": "caption", "max_new_tokens": 7}).max_new_tokens == 7
   # None means "not given"
   assert T.make_task({"name": "c", "kind": "caption", "lang": None}).lang == "en"
@@ -206,7 +208,7 @@ def test_detect_parser_corpus(detect, text, truncated, boxes, reasons):
   assert row["num_tokens"] == 17 and row["truncated"] is truncated
   assert row["prompt"] == "detect car ; person ; traffic light"
   # every result is a valid value of the column type
-  pa.array([row], type=T.DETECT_TYPE).validate(full=True)
+  pa.array([row], type=S.DETECT_TYPE).validate(full=True)
 
 
 def test_parsers_never_raise_on_random_output(detect, segment):
@@ -227,7 +229,7 @@ def test_parsers_never_raise_on_random_output(detect, segment):
   texts = [t[:int(rng.integers(0, len(t) + 1))] if rng.random() < 0.2 else t for t in texts]  # cut anywhere
   truncated = [bool(x) for x in rng.integers(0, 2, len(texts))]
   sizes = rng.integers(1, 2000, (len(texts), 2))
-  for task, typ in ((detect, T.DETECT_TYPE), (segment, T.SEGMENT_TYPE)):
+  for task, typ in ((detect, S.DETECT_TYPE), (segment, S.SEGMENT_TYPE)):
     rows = task.parse_batch(texts, [7] * len(texts), truncated, sizes[:, 0], sizes[:, 1])
     pa.array(rows, type=typ).validate(full=True)
     for row, (w, h) in zip(rows, sizes):
@@ -265,7 +267,7 @@ def test_fractions_and_pixels(detect, width, height):
     assert 0 <= part[f"{k}_px"] <= size
   # fractions survive float32 exactly (v / 1024 is a dyadic rational)
   arr = pa.array([{"objects": [full, part], "raw": "", "num_tokens": 1, "truncated": False, "parse_errors": []}],
-                 type=T.DETECT_TYPE)
+                 type=S.DETECT_TYPE)
   back = arr.to_pylist()[0]["objects"]
   assert [o["xmax"] for o in back] == [1023 / 1024, 1000 / 1024]
 
@@ -300,7 +302,7 @@ def test_text_kinds_parse():
   # per-image prompts not given: the prompt field reads as null, not a made-up value
   row = q.parse("yes", 2, False, 1, 1)
   assert "prompt" not in row
-  assert pa.array([row], type=T.TEXT_TYPE).to_pylist()[0]["prompt"] is None
+  assert pa.array([row], type=S.TEXT_TYPE).to_pylist()[0]["prompt"] is None
 
 
 def test_parse_batch_rejects_mismatched_lengths(detect):
@@ -343,9 +345,9 @@ def test_segment_end_to_end_with_vqvae(segment, vae):
   for obj, m64 in zip(row["objects"][:2], logits):
     m = obj["mask"]
     assert (m["height"], m["width"]) == (h, w)
-    mask = T.rle_decode(m["rle"], h, w)
+    mask = M.rle_decode(m["rle"], h, w)
     box = (obj["ymin_px"], obj["xmin_px"], obj["ymax_px"], obj["xmax_px"])
-    np.testing.assert_array_equal(mask, T.paste_mask(m64, box, w, h))
+    np.testing.assert_array_equal(mask, M.paste_mask(m64, box, w, h))
     outside = mask.copy()
     outside[box[0]:box[2], box[1]:box[3]] = False
     assert not outside.any()
@@ -357,7 +359,7 @@ def test_segment_end_to_end_with_vqvae(segment, vae):
     x, y, bw, bh = mask_utils.toBbox(rle)
     assert box[1] <= x and x + bw <= box[3] and box[0] <= y and y + bh <= box[2]
   assert row["objects"][2]["mask"] is None
-  pa.array([row], type=T.SEGMENT_TYPE).validate(full=True)
+  pa.array([row], type=S.SEGMENT_TYPE).validate(full=True)
 
 
 def test_segment_batch_decodes_once_and_matches_single_rows(segment, vae):
@@ -381,18 +383,18 @@ def test_segment_batch_decodes_once_and_matches_single_rows(segment, vae):
 def test_paste_mask_geometry():
   logits = np.full((64, 64), -1.0, np.float32)
   logits[:, :32] = 1.0   # left half inside
-  m = T.paste_mask(logits, (10, 20, 30, 60), width=100, height=50)
+  m = M.paste_mask(logits, (10, 20, 30, 60), width=100, height=50)
   assert m.shape == (50, 100) and m.dtype == bool
   assert m[10:30, 20:40].all() and not m[10:30, 40:60].any()
   assert m.sum() == 20 * 20
   # all-positive logits fill exactly the pixel box; boxes are clipped to the image
-  full = T.paste_mask(np.ones((64, 64), np.float32), (40, 90, 80, 130), width=100, height=50)
+  full = M.paste_mask(np.ones((64, 64), np.float32), (40, 90, 80, 130), width=100, height=50)
   assert full.sum() == 10 * 10 and full[40:50, 90:100].all()
   # an empty pixel box (tiny box on a small image) gives an empty mask, no crash
-  assert not T.paste_mask(np.ones((64, 64), np.float32), (3, 3, 3, 5), 10, 10).any()
+  assert not M.paste_mask(np.ones((64, 64), np.float32), (3, 3, 3, 5), 10, 10).any()
   # the big_vision rule: bilinear resize of the float logits, then > 0 (not a nearest-neighbour blow-up)
   ramp = np.tile(np.linspace(-1, 1, 64, dtype=np.float32), (64, 1))
-  m = T.paste_mask(ramp, (0, 0, 8, 640), width=640, height=8)
+  m = M.paste_mask(ramp, (0, 0, 8, 640), width=640, height=8)
   assert abs(int(m[0].sum()) - 320) <= 6
 
 
@@ -413,20 +415,20 @@ def masks():
 
 def test_rle_round_trip_and_coco_equivalence(masks):
   for m in masks:
-    counts = T.rle_encode(m)
+    counts = M.rle_encode(m)
     assert sum(counts) == m.size and all(c >= 0 for c in counts) and all(c > 0 for c in counts[1:])
-    np.testing.assert_array_equal(T.rle_decode(counts, *m.shape), m)
+    np.testing.assert_array_equal(M.rle_decode(counts, *m.shape), m)
     h, w = m.shape
     ours = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
     ref = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
     assert ours["counts"] == ref["counts"], m.shape   # identical compressed COCO RLE
     np.testing.assert_array_equal(mask_utils.decode(ours).astype(bool), m)
-  assert T.rle_encode(np.ones((2, 2), bool)) == [0, 4]
-  assert T.rle_encode(np.zeros((2, 3), bool)) == [6]
-  assert T.rle_encode(np.array([[0, 1], [1, 1]], bool)) == [1, 3]        # column-major: 0,1 | 1,1
-  assert T.rle_encode(np.array([[0, 0], [1, 1]], bool)) == [1, 1, 1, 1]  # column-major: 0,1 | 0,1
+  assert M.rle_encode(np.ones((2, 2), bool)) == [0, 4]
+  assert M.rle_encode(np.zeros((2, 3), bool)) == [6]
+  assert M.rle_encode(np.array([[0, 1], [1, 1]], bool)) == [1, 3]        # column-major: 0,1 | 1,1
+  assert M.rle_encode(np.array([[0, 0], [1, 1]], bool)) == [1, 1, 1, 1]  # column-major: 0,1 | 0,1
 
 
 def test_rle_decode_rejects_wrong_size():
   with pytest.raises(ValueError, match="3x3"):
-    T.rle_decode([2, 2], 3, 3)
+    M.rle_decode([2, 2], 3, 3)

@@ -35,6 +35,8 @@ from typing import Any, Iterator
 
 import fsspec
 
+from pgbatch.fsutil import is_local
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("webdataset", "parquet", "images")
@@ -85,14 +87,9 @@ def _fs(uri: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSyst
 
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
   """A path of `fs` as a URI: absolute local path, or with protocol ("gs://b/x.tar")."""
-  if _is_local(fs):
+  if is_local(fs):
     return os.path.abspath(path)
   return fs.unstrip_protocol(path)
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-  from fsspec.implementations.local import LocalFileSystem  # pylint: disable=g-import-not-at-top
-  return isinstance(fs, LocalFileSystem)
 
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -431,7 +428,7 @@ def _open_parquet(uri: str, storage_options: dict | None):
   """(ParquetFile, file object to close or None). Local files by path; remote through fsspec."""
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   fs, path = _fs(uri, storage_options)
-  if _is_local(fs):
+  if is_local(fs):
     return pq.ParquetFile(path), None
   f = fs.open(path, "rb")
   try:
@@ -548,7 +545,7 @@ def read_images(shard: Shard, storage_options: dict | None = None) -> Iterator[d
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   fs, _ = _fs(shard.uris[0], storage_options)
   paths = [_fs(u, storage_options)[1] for u in shard.uris]
-  workers = 1 if _is_local(fs) else FETCH_CONCURRENCY
+  workers = 1 if is_local(fs) else FETCH_CONCURRENCY
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     for u, p, data in zip(shard.uris, paths, pool.map(lambda p: _cat(fs, p), paths)):
       key = posixpath.basename(p)

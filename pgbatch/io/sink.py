@@ -35,6 +35,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pgbatch.fsutil import is_local
 from pgbatch.io.readers import _json_default, to_uri
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,6 @@ def _now() -> str:
 def _version() -> str:
   from pgbatch import __version__  # pylint: disable=g-import-not-at-top
   return __version__
-
-
-def _is_local(fs) -> bool:
-  from fsspec.implementations.local import LocalFileSystem  # pylint: disable=g-import-not-at-top
-  return isinstance(fs, LocalFileSystem)
 
 
 def _error_struct(col: pa.ChunkedArray, target: pa.DataType) -> pa.Array:
@@ -146,7 +142,7 @@ def _cat_many(fs, paths: list[str]) -> list[bytes | BaseException]:
       return fs.cat_file(p)
     except Exception as e:  # noqa: BLE001 - reported per file
       return e
-  if _is_local(fs) or len(paths) < 2:
+  if is_local(fs) or len(paths) < 2:
     return [one(p) for p in paths]
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
     return list(pool.map(one, paths))
@@ -163,7 +159,7 @@ class Sink:
     self.compression = compression
     self.fs, root = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
     self.root = root.rstrip("/") or root
-    self.local = _is_local(self.fs)
+    self.local = is_local(self.fs)
 
   # -- paths
 

@@ -48,7 +48,7 @@ def task_summary(value: Any) -> str:
 
 def summarize(output_uri: str, rows: int = 3, storage_options: Optional[dict] = None) -> dict:
   """A JSON-able report of an output (see the module doc)."""
-  from pgbatch import schema as schema_lib
+  from pgbatch import schema as schema_lib, tasks as tasks_lib
   from pgbatch.io import sink as sink_lib
   entries = sink_lib.read_manifest(output_uri, storage_options)
   s = sink_lib.Sink(output_uri, None, storage_options)
@@ -74,7 +74,7 @@ def summarize(output_uri: str, rows: int = 3, storage_options: Optional[dict] = 
   first = read_file(entries[0]["file"], storage_options=storage_options)
   report["schema_version"] = (first.schema.metadata or {}).get(schema_lib.META_VERSION, b"?").decode()
   try:
-    tasks = schema_lib.tasks_of(first.schema)
+    tasks = tasks_lib.tasks_of(first.schema)
   except (KeyError, ValueError):
     tasks = []
   report["tasks"] = [{"name": t.name, "kind": t.kind} for t in tasks]
