@@ -18,6 +18,7 @@ import posixpath
 import sys
 
 from pgbatch import schema as schema_lib
+from pgbatch import tasks as tasks_lib
 from pgbatch.io import sink as sink_lib
 
 DEFAULT_NAMESPACE = "default"
@@ -57,7 +58,7 @@ def contract_schema(entries: list[dict], storage_options: dict | None = None):
                        f"publishes {schema_lib.SCHEMA_NAME}")
     if expected is None:
       tasks_json = meta.get(schema_lib.META_TASKS)
-      expected = schema_lib.output_schema(schema_lib.tasks_of(got))
+      expected = schema_lib.output_schema(tasks_lib.tasks_of(got))
     elif meta.get(schema_lib.META_TASKS) != tasks_json:
       raise ValueError(f"{e['file']}: its tasks differ from {entries[0]['file']}'s; publish one job's output "
                        "per table")

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pgbatch import schema as schema_mod
+from pgbatch import schema_docs
 from pgbatch.io import sink as sink_mod
 from pgbatch.io.sink import Sink, output_name, read_manifest
 
@@ -25,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def schema():
-  return schema_mod.output_schema(schema_mod.canonical_tasks())
+  return schema_mod.output_schema(schema_docs.canonical_tasks())
 
 
 def shard_table(shard: str, n: int = 3) -> pa.Table:
@@ -38,7 +39,7 @@ def shard_table(shard: str, n: int = 3) -> pa.Table:
       "width": pa.array([640] * n, pa.int64()), "height": [480] * n, "sha256": ["ab" * 32] * n,
       "caption_en": pa.array([None] + [{"text": f"cap {k}", "prompt": "caption en", "num_tokens": 3,
                                          "truncated": False} for k in keys[1:]],
-                             schema_mod.output_schema(schema_mod.canonical_tasks()).field("caption_en").type),
+                             schema_mod.output_schema(schema_docs.canonical_tasks()).field("caption_en").type),
       "pixels": [b"internal"] * n})  # not in the schema: dropped
 
 
@@ -133,11 +134,11 @@ CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
     import pyarrow.parquet as pq
-    from pgbatch import schema as schema_mod
+    from pgbatch import schema as schema_mod, schema_docs
     from pgbatch.io import sink as sink_mod
     from tests.test_io_sink import SHARDS, shard_table
     where = sys.argv[1]
-    s = sink_mod.Sink({out!r}, schema_mod.output_schema(schema_mod.canonical_tasks()))
+    s = sink_mod.Sink({out!r}, schema_mod.output_schema(schema_docs.canonical_tasks()))
     s.commit_shard(SHARDS[0], shard_table(SHARDS[0]), {{}})
     die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
     if where == "marker":     # data file in place, marker never written

@@ -9,6 +9,7 @@ import pytest
 
 from pgbatch import config, pipeline, publish
 from pgbatch import schema as schema_lib
+from pgbatch import tasks as tasks_lib
 from pgbatch.io import sink
 from tests import bad_images
 from tests import pipeline_helpers as H
@@ -90,8 +91,8 @@ def test_publish_is_idempotent_and_reads_exactly_the_committed_rows(nightly):
   from pyiceberg.catalog import load_catalog
   iceberg = load_catalog("lake", **props).load_table(("annotations", "nightly"))
   files = [e["file"] for e in sink.read_manifest(nightly["out"])]
-  contract = schema_lib.output_schema(schema_lib.tasks_of(pq.read_schema(files[0])))
-  assert [t.name for t in schema_lib.tasks_of(pq.read_schema(files[0]))] == [t["name"] for t in TASKS]
+  contract = schema_lib.output_schema(tasks_lib.tasks_of(pq.read_schema(files[0])))
+  assert [t.name for t in tasks_lib.tasks_of(pq.read_schema(files[0]))] == [t["name"] for t in TASKS]
   assert [f.name for f in iceberg.schema().fields] == contract.names
   assert iceberg.schema().find_field("key").required and iceberg.schema().find_field("key").doc
   assert iceberg.properties["pgbatch.schema"] == schema_lib.SCHEMA_NAME
