@@ -116,6 +116,9 @@ class TaskSpec(_Strict):
 
 class DecodeSpec(_Strict):
   max_pixels: int = Field(178_956_970, ge=1, description="larger images are errors (decompression bombs)")
+  max_decoded_bytes: Optional[int] = Field(
+      None, ge=1 << 20, description="larger decoded images (width x height x bytes per pixel, from the header) "
+      "are errors; default: what lets the decode tasks of the smallest node run at once in half its memory")
   batch_size: int = Field(32, ge=1, le=4096, description="images per decode task batch")
 
 

@@ -204,11 +204,11 @@ def _pre_filter(policy_json: str):
   return _PRE_FILTERS[policy_json]
 
 
-def _decode(batch: dict, size: int, max_pixels: int) -> dict:
+def _decode(batch: dict, size: int, max_pixels: int, max_decoded_bytes: Optional[int] = None) -> dict:
   """decode_batch; if it raises (it should not), decode row by row so one bad row cannot sink the batch."""
   from pgbatch.io import decode
   try:
-    return decode.decode_batch(batch, size, max_pixels)
+    return decode.decode_batch(batch, size, max_pixels, max_decoded_bytes)
   except Exception:  # noqa: BLE001 - isolate the failing rows below
     log.exception("decode_batch failed; retrying row by row")
   n = len(batch["key"])
@@ -216,7 +216,7 @@ def _decode(batch: dict, size: int, max_pixels: int) -> dict:
   for i in range(n):
     row = {k: v[i:i + 1] for k, v in batch.items()}
     try:
-      parts.append(decode.decode_batch(row, size, max_pixels))
+      parts.append(decode.decode_batch(row, size, max_pixels, max_decoded_bytes))
     except Exception as e:  # noqa: BLE001
       row = dict(row)
       row["pixels"] = np.zeros((1, size, size, 3), np.uint8)
@@ -235,9 +235,10 @@ def _decode(batch: dict, size: int, max_pixels: int) -> dict:
   return out
 
 
-def decode_and_prefilter(batch: dict, size: int, max_pixels: int, policy_json: str) -> dict:
+def decode_and_prefilter(batch: dict, size: int, max_pixels: int, policy_json: str,
+                         max_decoded_bytes: Optional[int] = None) -> dict:
   """Reader rows → decoded pixels [B, size, size, 3] plus the image-safety verdict; image bytes dropped."""
-  out = _decode(batch, size, max_pixels)
+  out = _decode(batch, size, max_pixels, max_decoded_bytes)
   try:
     out = _pre_filter(policy_json)(out)
   except Exception as e:  # noqa: BLE001 - PreFilter isolates filter failures; this is a last resort
@@ -538,7 +539,11 @@ def ensure_ray(accelerator: str = "cpu", num_cpus: Optional[int] = None) -> bool
     kwargs["num_cpus"] = num_cpus or max(os.cpu_count() or 1, 2)
     if accelerator == "cpu":  # every stage wants JAX on the CPU: workers inherit it, no per-stage env needed
       os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  ray.init(**kwargs)
+  if address == "local":
+    del kwargs["address"]
+    placement.start_local_ray(**kwargs)  # loopback only, token auth
+  else:
+    ray.init(**kwargs)
   return address == "local"
 
 
@@ -680,6 +685,15 @@ def _group_by_shard(table: pa.Table) -> dict[str, pa.Table]:
   return {s: table.take(pa.array(rows, pa.int64())) for s, rows in idx.items()}
 
 
+def decode_budget(spec) -> int:
+  """decode.max_decoded_bytes, or by default what fits the decode tasks of the smallest Ray node at once."""
+  import ray
+  from pgbatch.io import decode
+  if spec.decode.max_decoded_bytes is not None:
+    return spec.decode.max_decoded_bytes
+  return placement.decode_memory_budget(ray.nodes(), spec.resources.cpu_stage_cpus, decode.DECODE_PEAK_FACTOR)
+
+
 def build_dataset(spec, items: list[dict], info: dict, provenance: dict, inherited_env: bool = False):
   """The Ray Data plan (lazy) over `items` ({id, uris} per shard). `inherited_env`: Ray workers inherit this
   process's environment (a local Ray started here)."""
@@ -702,7 +716,7 @@ def build_dataset(spec, items: list[dict], info: dict, provenance: dict, inherit
                    num_cpus=cpu, runtime_env=cpu_env, **RETRY_ARGS)
   ds = ds.map_batches(decode_and_prefilter, batch_size=spec.decode.batch_size, batch_format="numpy",
                       fn_kwargs=dict(size=info["image_size"], max_pixels=spec.decode.max_pixels,
-                                     policy_json=policy_json),
+                                     policy_json=policy_json, max_decoded_bytes=decode_budget(spec)),
                       num_cpus=cpu, runtime_env=cpu_env, **RETRY_ARGS)
   ds = ds.map_batches(Annotator, batch_size=res.batch_size, batch_format="numpy",
                       fn_constructor_kwargs=dict(spec_json=spec_json, provenance=provenance),

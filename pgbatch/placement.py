@@ -154,6 +154,63 @@ def configure_data_context(ctx: Any, resources: Any = None) -> Any:
   return ctx
 
 
+# --- decode memory ---------------------------------------------------------------------------------------
+
+DECODE_MEMORY_SHARE = 0.5  # of a node's Ray `memory` for the decode tasks running on it at once
+MIN_DECODE_BUDGET = 64 << 20
+FALLBACK_DECODE_BUDGET = 512 << 20  # when no node reports memory
+
+
+def decode_memory_budget(nodes: list[dict], cpu_stage_cpus: float, peak_factor: float) -> int:
+  """Default decode.max_decoded_bytes: on the smallest alive node (`ray.nodes()`), DECODE_MEMORY_SHARE of its
+  memory split over the decode tasks it runs at once (CPU / cpu_stage_cpus), divided by the decoder's peak
+  working memory per decoded byte. At least MIN_DECODE_BUDGET."""
+  budgets = []
+  for n in nodes:
+    res = n.get("Resources") or {}
+    mem, cpus = float(res.get("memory", 0)), float(res.get("CPU", 0))
+    if n.get("Alive", True) and mem > 0 and cpus > 0:
+      tasks = max(1.0, cpus / float(cpu_stage_cpus))
+      budgets.append(int(mem * DECODE_MEMORY_SHARE / tasks / peak_factor))
+  return max(MIN_DECODE_BUDGET, min(budgets)) if budgets else FALLBACK_DECODE_BUDGET
+
+
+# --- local Ray ------------------------------------------------------------------------------------------
+
+LOOPBACK = "127.0.0.1"
+# Ray turns a node IP of 127.0.0.1 into this machine's LAN address (and then listens on every interface)
+# unless "clusters" are off, as Ray does by default on macOS/Windows.
+RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+  """`ray.init(address="local", ...)` whose processes (GCS, raylet, workers, agents) listen on 127.0.0.1 only,
+  with Ray's default token authentication, and no dashboard unless `include_dashboard=True` (then on
+  127.0.0.1). Raises RuntimeError (after shutting Ray down) if Ray picked another node address."""
+  import ray
+  from ray._private import ray_constants  # pylint: disable=g-import-not-at-top
+  # "Token authentication is enabled" on every start: that is the default we want, not news.
+  logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+  init_kwargs.setdefault("include_dashboard", False)
+  if init_kwargs["include_dashboard"]:
+    init_kwargs["dashboard_host"] = LOOPBACK
+  saved_env, saved_const = os.environ.get(RAY_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
+  os.environ[RAY_CLUSTER_ENV] = "0"  # the processes Ray starts now read it
+  ray_constants.ENABLE_RAY_CLUSTER = False  # this process already read it
+  try:
+    ray.init(address="local", _node_ip_address=LOOPBACK, **init_kwargs)
+  finally:
+    ray_constants.ENABLE_RAY_CLUSTER = saved_const
+    if saved_env is None:
+      os.environ.pop(RAY_CLUSTER_ENV, None)
+    else:
+      os.environ[RAY_CLUSTER_ENV] = saved_env
+  ip = ray.util.get_node_ip_address()
+  if ip != LOOPBACK:
+    ray.shutdown()
+    raise RuntimeError(f"the local Ray chose node address {ip}, not {LOOPBACK}; refusing to listen on it")
+
+
 # --- mesh -----------------------------------------------------------------------------------------------
 
 

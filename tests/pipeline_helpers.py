@@ -41,11 +41,11 @@ def job(name: str, input_uri: str, output_uri: str, ckpt: str, tok: str, tasks=N
 
 @contextlib.contextmanager
 def local_ray(num_cpus: int = 2):
-  """A private local Ray for this test module (never another helper's cluster)."""
-  os.environ["RAY_AUTH_MODE"] = "disabled"
+  """A private local Ray for this test module (never another helper's cluster): loopback only, Ray's default
+  token auth (`placement.start_local_ray`, as `pgbatch run` starts it)."""
   import ray
-  ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-           object_store_memory=512 << 20)
+  from pgbatch import placement
+  placement.start_local_ray(num_cpus=num_cpus, logging_level="WARNING", object_store_memory=512 << 20)
   try:
     yield ray
   finally:
@@ -54,7 +54,7 @@ def local_ray(num_cpus: int = 2):
 
 def subprocess_env() -> dict:
   env = dict(os.environ)
-  env.update(RAY_AUTH_MODE="disabled", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), RAY_ADDRESS="")
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), RAY_ADDRESS="")
   return env
 
 

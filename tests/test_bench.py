@@ -32,7 +32,6 @@ def test_steady_rate_counts_from_the_first_commit():
 
 
 def test_bench_pipeline_prints_pipeline_and_engine_rates(tmp_path, capsys, monkeypatch):
-  monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
   assert main(["bench", "--pipeline", "--variant", "tiny-pg1", "--images", "48", "--batch", "4",
                "--new-tokens", "4", "--repeats", "1", "--workdir", str(tmp_path)]) == 0
   (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]

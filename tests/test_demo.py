@@ -49,7 +49,7 @@ def test_demo_defaults():
 
 def test_pgbatch_demo_end_to_end(tmp_path):
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS", "RAY_ADDRESS")}
-  env.update(PYTHONPATH=str(H.ROOT), RAY_AUTH_MODE="disabled")
+  env.update(PYTHONPATH=str(H.ROOT))
   start = time.monotonic()
   # the README's command: the `pgbatch` console script of `pip install -e .` (python -m where not installed)
   cmd = [shutil.which("pgbatch")] if shutil.which("pgbatch") else [sys.executable, "-m", "pgbatch.cli"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,3 +197,85 @@ def test_only_allowed_formats():
   for fmt in ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "PPM", "ICO"):
     px, w, h = decode_image(save(Image.new("RGB", (16, 16), (9, 99, 199)), fmt), SIZE)
     assert (w, h) == (16, 16) and np.abs(px.astype(int) - [9, 99, 199]).max() < 12, fmt
+
+
+def png16_bomb(width: int = 13000, height: int = 13000, rows_per_block: int = 100) -> bytes:
+  """A 16-bit gray PNG of width x height zeros (~330 KB for 13000 x 13000), built in under a second: one
+  deflate block of `rows_per_block` rows, ended by a full flush (so it stands alone), repeated."""
+  import struct
+  import zlib
+
+  def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+  assert height % rows_per_block == 0
+  rows = (b"\x00" * (1 + 2 * width)) * rows_per_block  # filter byte 0 + the row's samples
+  z = zlib.compressobj(9, zlib.DEFLATED, -15)
+  block = z.compress(rows) + z.flush(zlib.Z_FULL_FLUSH)
+  adler = 1
+  for _ in range(height // rows_per_block):
+    adler = zlib.adler32(rows, adler)
+  stream = (b"\x78\xda" + block * (height // rows_per_block) + zlib.compressobj(9, zlib.DEFLATED, -15).flush()
+            + struct.pack(">I", adler))
+  ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+  return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+
+
+def test_png16_bomb_is_a_valid_png():
+  small = png16_bomb(300, 200, rows_per_block=50)
+  im = Image.open(io.BytesIO(small))
+  assert (im.size, im.mode) == ((300, 200), "I;16") and np.asarray(im).max() == 0
+
+
+def test_decode_budget_refuses_a_16_bit_bomb_before_decoding(tmp_path):
+  """13000 x 13000 16-bit: 338 MB decoded (4 GiB and 24 s with float64 conversion) from a 320 KB file. With a
+  budget it is a DecodeBudgetError naming the limit, in a process whose peak memory stays far below it."""
+  import subprocess
+  import sys
+  data = png16_bomb()
+  assert len(data) < 400_000
+  (tmp_path / "bomb.png").write_bytes(data)
+  script = (
+      "import resource, sys, numpy as np\n"
+      "from pgbatch.io.decode import decode_batch\n"
+      "data = open(sys.argv[1], 'rb').read()\n"
+      "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+      "out = decode_batch({'key': np.array(['b'], object), 'status': np.array(['ok'], object),\n"
+      "                    'error': np.array([None], object), 'image_bytes': np.array([data], object)}, 224,\n"
+      "                   max_decoded_bytes=64 << 20)\n"
+      "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+      "print(out['status'][0], out['width'][0], out['height'][0], out['sha256'][0] is not None)\n"
+      "print(out['error'][0])\n"
+      "print((after - before) * 1024)\n")
+  p = subprocess.run([sys.executable, "-c", script, str(tmp_path / "bomb.png")], capture_output=True, text=True,
+                     timeout=120, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+  assert p.returncode == 0, p.stderr
+  status, err, grown = p.stdout.splitlines()
+  assert status == "error 13000 13000 True"
+  err = json.loads(err)
+  assert (err["stage"], err["type"]) == ("decode", "DecodeBudgetError")
+  assert "decode.max_decoded_bytes" in err["message"] and "64 MiB" in err["message"] and "322 MiB" in err["message"]
+  assert int(grown) < 64 << 20, f"decoding the refused bomb grew the process by {int(grown) >> 20} MiB"
+
+
+def test_decode_budget_counts_after_jpeg_draft_and_by_mode():
+  from pgbatch.io.decode import decoded_bytes
+  big = save(Image.new("RGB", (4000, 3000), (10, 200, 30)), "JPEG")
+  # 36 MB at full size, but the DCT draft decodes it at 1/8 (500 x 375 >= 224): well under 8 MiB
+  pixels, w, h = decode_image(big, SIZE, max_decoded_bytes=8 << 20)
+  assert (w, h) == (4000, 3000) and pixels.shape == (SIZE, SIZE, 3)
+  with pytest.raises(DecodeError, match=r"decode.max_decoded_bytes") as e:
+    decode_image(save(Image.new("RGBA", (1500, 1000)), "PNG"), SIZE, max_decoded_bytes=4 << 20)
+  assert e.value.type_ == "DecodeBudgetError" and (e.value.width, e.value.height) == (1500, 1000)
+  assert decoded_bytes(Image.new("I;16", (10, 10))) == 200 and decoded_bytes(Image.new("F", (10, 10))) == 400
+  assert decoded_bytes(Image.new("RGB", (10, 10))) == 300
+
+
+def test_default_decode_budget_splits_the_smallest_node_over_its_decode_tasks():
+  from pgbatch import placement
+  nodes = [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 16 << 30}},
+           {"Alive": True, "Resources": {"CPU": 16.0, "memory": 64 << 30}},
+           {"Alive": False, "Resources": {"CPU": 1.0, "memory": 1 << 30}}]
+  # node 1: 16 GiB * 0.5 / (2 / 0.25 tasks) / 4 = 256 MiB; node 2: 64 GiB * 0.5 / 64 / 4 = 128 MiB
+  assert placement.decode_memory_budget(nodes, 0.25, 4) == 128 << 20
+  assert placement.decode_memory_budget([], 0.25, 4) == placement.FALLBACK_DECODE_BUDGET
+  assert placement.decode_memory_budget(nodes[:1], 0.25, 1000) == placement.MIN_DECODE_BUDGET

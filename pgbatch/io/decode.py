@@ -9,8 +9,10 @@
   APNG, WebP, multi-page TIFF) use their first frame.
 - Squash: a plain resize to size x size (no aspect keep, no crop), bilinear with antialiasing (PIL widens the
   filter support when downscaling). Large JPEGs are first decoded at a reduced DCT scale that stays >= size.
-- Decompression bombs: the pixel count from the header is checked against `max_pixels` before any pixel is
-  decoded. Only the formats in FORMATS are opened (sniffed from the bytes; EPS, which would run Ghostscript on
+- Decompression bombs: the pixel count from the header is checked against `max_pixels` (the one pixel limit
+  messages name: decode.max_pixels) before any pixel is decoded; then the decoded size (width x height x bytes
+  per pixel of the mode, after JPEG draft/DCT reduction) against `max_decoded_bytes` (decode.max_decoded_bytes):
+  a 320 KB PNG can hold a 13000 x 13000 16-bit image (338 MB decoded, more while converting). Only the formats in FORMATS are opened (sniffed from the bytes; EPS, which would run Ghostscript on
   untrusted input, is not among them).
 Failures raise DecodeError(type_, message); decode_batch turns them into error rows (stage "decode").
 """
@@ -29,6 +31,9 @@ from pgbatch.io.readers import error_json
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own default bomb threshold (Image.MAX_IMAGE_PIXELS): ~13k x 13k
+# Peak working memory of decoding + converting + resizing one image, per decoded byte (to_rgb keeps it low:
+# 16-bit and float images are converted in integer/float32 steps and resized as one gray channel).
+DECODE_PEAK_FACTOR = 4
 # Formats PIL may open (sniffed from the bytes, never from the name). Deliberately not: EPS (runs Ghostscript on
 # untrusted input), WMF, TGA (no magic bytes: it claims random data) and the scientific/legacy formats (FITS,
 # GRIB, HDF5, SPIDER, ...) no photo pipeline needs.
@@ -56,6 +61,17 @@ def _allow_pixels(max_pixels: int) -> None:
     Image.MAX_IMAGE_PIXELS = max_pixels
 
 
+def decoded_bytes(im: Image.Image) -> int:
+  """Bytes of `im`'s pixels once loaded, from the header: width x height x bytes per pixel of its mode."""
+  from PIL import ImageMode  # pylint: disable=g-import-not-at-top
+  try:
+    m = ImageMode.getmode(im.mode)
+    per_pixel = np.dtype(m.typestr).itemsize * len(m.bands)
+  except (KeyError, TypeError, ValueError):
+    per_pixel = 4
+  return im.size[0] * im.size[1] * max(1, per_pixel)
+
+
 def _formats() -> tuple[str, ...]:
   Image.init()
   return tuple(f for f in FORMATS if f in Image.OPEN)
@@ -81,20 +97,30 @@ def _orientation(im: Image.Image) -> int:
 
 
 def _gray_to_u8(a: np.ndarray, mode: str) -> np.ndarray:
-  """Single-channel integer/float array -> uint8, see the module doc for the scaling rules."""
-  a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+  """Single-channel integer/float array -> uint8, see the module doc for the scaling rules. Works in uint32 or
+  float32 steps (in place), so a big 16-bit image costs ~3x its own size, not the 20x of float64 temporaries."""
+  if mode.startswith("I;16") or (a.dtype.kind in "iu" and a.size and a.min() >= 0 and a.max() <= 65535):
+    if not mode.startswith("I;16") and a.max() <= 255:
+      return a.astype(np.uint8)
+    out = a.astype(np.uint32)
+    out += 128
+    out //= 257  # round(v / 257): 65535 -> 255
+    return out.astype(np.uint8)
+  a = a.astype(np.float32)
+  np.nan_to_num(a, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
   lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-  if mode.startswith("I;16"):
-    a = a / 257.0
-  elif mode == "F" and lo >= 0 and hi <= 1:
-    a = a * 255.0
+  if mode == "F" and lo >= 0 and hi <= 1:
+    a *= 255.0
   elif lo >= 0 and hi <= 255:
     pass
   elif lo >= 0 and hi <= 65535:
-    a = a / 257.0
+    a /= 257.0
   else:
-    a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-  return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    a -= lo
+    a *= (255.0 / (hi - lo)) if hi > lo else 0.0
+  np.rint(a, out=a)
+  np.clip(a, 0, 255, out=a)
+  return a.astype(np.uint8)
 
 
 def _on_white(im: Image.Image) -> Image.Image:
@@ -104,7 +130,7 @@ def _on_white(im: Image.Image) -> Image.Image:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-  """Any PIL mode -> RGB (see the module doc)."""
+  """Any PIL mode -> RGB, or L for the integer/float gray modes (I, I;16*, F: made RGB after the resize)."""
   mode = im.mode
   if mode == "RGB":
     return im
@@ -114,14 +140,23 @@ def to_rgb(im: Image.Image) -> Image.Image:
     g = _gray_to_u8(np.asarray(im), mode)
     if g.ndim != 2:
       raise DecodeError("UnsupportedModeError", f"mode {mode} gave an array of shape {g.shape}")
-    return Image.fromarray(np.repeat(g[:, :, None], 3, axis=2), "RGB")
+    return Image.fromarray(g, "L")  # gray: resized as one channel, made RGB at the model size (decode_image)
   try:
     return im.convert("RGB")
   except (ValueError, OSError) as e:
     raise DecodeError("UnsupportedModeError", f"cannot convert PIL mode {mode} to RGB: {e}") from e
 
 
-def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int, int]:
+def _check_budget(im: Image.Image, fmt: str, w: int, h: int, max_decoded_bytes: int | None) -> None:
+  """DecodeBudgetError when the decoded pixels of `im` (after any draft reduction) exceed the budget."""
+  need = decoded_bytes(im)
+  if max_decoded_bytes is not None and need > max_decoded_bytes:
+    raise DecodeError("DecodeBudgetError", f"{fmt} {w}x{h} {im.mode} decodes to {need / 2**20:.0f} MiB, over the "
+                      f"limit of {max_decoded_bytes / 2**20:.0f} MiB (decode.max_decoded_bytes)", w, h)
+
+
+def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_decoded_bytes: int | None = None) -> tuple[np.ndarray, int, int]:
   """bytes -> (uint8 [size, size, 3], width, height after EXIF orientation). Raises DecodeError."""
   if data is None or len(data) == 0:
     raise DecodeError("EmptyImageError", "image is empty (0 bytes)")
@@ -130,8 +165,9 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
       im = Image.open(io.BytesIO(data), formats=_formats())
-  except Image.DecompressionBombError as e:
-    raise DecodeError("DecompressionBombError", f"decompression bomb (limit {max_pixels} pixels): {e}") from e
+  except Image.DecompressionBombError as e:  # over twice PIL's limit, which is >= ours: over ours
+    raise DecodeError("DecompressionBombError", f"image exceeds the limit of {max_pixels} pixels "
+                      "(decode.max_pixels)") from e
   except UnidentifiedImageError as e:
     raise DecodeError("UnidentifiedImageError", f"not a recognised image format ({len(data)} bytes, first bytes "
                       f"0x{_magic(data)})") from e
@@ -143,13 +179,14 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
     raise DecodeError("CorruptImageError", f"{fmt} header declares size {w}x{h}")
   if w * h > max_pixels:
     raise DecodeError("DecompressionBombError", f"{fmt} of {w}x{h} = {w * h} pixels exceeds the limit of "
-                      f"{max_pixels} pixels", w, h)
-  orientation = _orientation(im)
+                      f"{max_pixels} pixels (decode.max_pixels)", w, h)
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      if fmt == "JPEG" and im.mode in ("RGB", "L"):
+      if fmt == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
         im.draft(im.mode, (size, size))  # DCT-domain downscale, never below size x size
+      _check_budget(im, fmt, w, h, max_decoded_bytes)
+      orientation = _orientation(im)  # after the budget: PNG's getexif() decodes the whole image
       im.load()  # first frame only for multi-frame formats
       try:
         im = ImageOps.exif_transpose(im)
@@ -159,7 +196,7 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
       rgb = to_rgb(im)
       if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-      pixels = np.asarray(rgb, dtype=np.uint8)
+      pixels = np.asarray(rgb.convert("RGB"), dtype=np.uint8)
   except DecodeError as e:
     e.width, e.height = w, h
     raise
@@ -172,8 +209,8 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
   return pixels, w, h
 
 
-def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int = DEFAULT_MAX_PIXELS
-                 ) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_decoded_bytes: int | None = None) -> dict[str, np.ndarray]:
   """Reader columns -> the same columns plus
     pixels uint8 [B, size, size, 3] (zeros where decoding failed), width/height int32 [B] (-1 unknown),
     sha256 object [B] (hex digest of image_bytes, None when there are no bytes).
@@ -192,7 +229,7 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int = DEFA
     if status[i] != "ok":
       continue
     try:
-      pixels[i], width[i], height[i] = decode_image(data, size, max_pixels)
+      pixels[i], width[i], height[i] = decode_image(data, size, max_pixels, max_decoded_bytes)
     except DecodeError as e:
       status[i] = "error"
       error[i] = error_json("decode", e.type_, str(e))
