@@ -34,7 +34,12 @@ def _importable(module: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="pgbatch", description=__doc__.splitlines()[0])
+  from pgbatch import errors
+  parser = argparse.ArgumentParser(prog="pgbatch", description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="Exit status" + errors.__doc__.split("Exit status", 1)[1])
+  parser.add_argument("--debug", action="store_true",
+                      help="tracebacks and debug logs (also accepted anywhere after the command)")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for name, (module, help_text) in COMMANDS.items():
     p = sub.add_parser(name, help=help_text, description=help_text)
@@ -46,9 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  from pgbatch import errors
+  argv = list(sys.argv[1:] if argv is None else argv)
+  debug = "--debug" in argv
+  argv = [a for a in argv if a != "--debug"]
   args = build_parser().parse_args(argv)
-  module = importlib.import_module(args._module)
+  errors.configure_logging(debug)
   try:
+    module = importlib.import_module(args._module)
     code = int(getattr(module, f"main_{args.command}")(args) or 0)
     sys.stdout.flush()  # a closed pipe surfaces here rather than at interpreter exit
     return code
@@ -56,6 +66,29 @@ def main(argv: list[str] | None = None) -> int:
     import os
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+  except KeyboardInterrupt:
+    if debug:
+      raise
+    _stop_ray()
+    print(f"pgbatch {args.command}: interrupted; what was committed stays (rerun the same command to resume)",
+          file=sys.stderr)
+    return errors.INTERRUPTED
+  except Exception as e:  # noqa: BLE001 - the one-line report of anything a command did not expect
+    if debug:
+      raise
+    print(f"pgbatch {args.command}: {type(e).__name__}: {errors.one_line(e)} (--debug for the traceback)",
+          file=sys.stderr)
+    return errors.PARTIAL
+
+
+def _stop_ray() -> None:
+  """A clean stop after Ctrl-C: the local Ray this process started goes down with its workers."""
+  ray = sys.modules.get("ray")
+  if ray is not None and ray.is_initialized():
+    try:
+      ray.shutdown()
+    except BaseException:  # noqa: BLE001 - a second Ctrl-C while stopping: leave the rest to the OS
+      pass
 
 
 if __name__ == "__main__":

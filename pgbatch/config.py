@@ -473,6 +473,8 @@ def register_validate(parser) -> None:
   parser.add_argument("--show", action="store_true", help="print the resolved spec (defaults filled in)")
   parser.add_argument("--inputs", action="store_true",
                       help="also list the input shards the glob matches (reads the bucket or folder listing)")
+  parser.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                      help="with --inputs: give up listing after S seconds (default 60)")
   parser.epilog = ("Spec shape: name, input {uri, format, image_column, key_column, files_per_shard}, "
                    "output {uri}, model {checkpoint, tokenizer, variant, dtype, vae}, tasks [{name, kind, ...}], "
                    "resources {accelerator, actors, chips_per_actor, batch_size, ...}, decode {...}, safety {...}. "
@@ -496,9 +498,9 @@ def main_validate(args) -> int:
           f"tasks: {kinds}; {spec.resources.actors} {spec.resources.accelerator} actor(s)")
     if getattr(args, "inputs", False):
       from pgbatch.io import readers
+      from pgbatch.pipeline import list_inputs
       try:
-        shards = readers.list_shards(spec.input.uri, spec.input.format, files_per_shard=spec.input.files_per_shard,
-                                     storage_options=dict(spec.input.storage_options) or None)
+        shards = list_inputs(spec, timeout_s=args.timeout)
       except readers.InputError as e:
         print(f"{job}: input: {e}", file=sys.stderr)
         bad += 1
@@ -506,4 +508,4 @@ def main_validate(args) -> int:
       print(f"  {len(shards)} input shard(s): " + ", ".join(s.id for s in shards[:3]) + (" …" if len(shards) > 3 else ""))
     if args.show:
       print(spec.to_yaml())
-  return 1 if bad else 0
+  return 2 if bad else 0  # 2: a bad spec or input (see pgbatch.errors)

@@ -591,9 +591,15 @@ def plan_info(spec) -> dict:
   the VQ-VAE file exists, so a wrong path fails here with the path instead of in every actor."""
   import fsspec
   from pgbatch import checkpoints, tokenizer
-  ckpt = checkpoints.open_checkpoint(spec.model.checkpoint, variant=spec.model.variant)
+  try:
+    ckpt = checkpoints.open_checkpoint(spec.model.checkpoint, variant=spec.model.variant)
+  except (checkpoints.CheckpointError, OSError) as e:
+    raise checkpoints.CheckpointError(f"model.checkpoint: {e}") from None
   cfg = ckpt.config
-  tok = tokenizer.load(spec.model.tokenizer)
+  try:
+    tok = tokenizer.load(spec.model.tokenizer)
+  except tokenizer.TokenizerError as e:
+    raise tokenizer.TokenizerError(f"model.tokenizer: {e}") from None
   if spec.model.vae:
     fs, path = fsspec.core.url_to_fs(spec.model.vae)
     if not fs.exists(path):
@@ -729,6 +735,47 @@ def build_dataset(spec, items: list[dict], info: dict, provenance: dict, inherit
   return ds
 
 
+def list_inputs(spec, timeout_s: Optional[float] = None) -> list:
+  """`readers.list_shards` for the spec's input; an unreachable or unreadable location is an InputError naming
+  input.uri (after `timeout_s`, when given)."""
+  from pgbatch import errors
+  from pgbatch.io import readers
+  from pgbatch.redact import redact_uri
+  uri = spec.input.uri
+  call = lambda: readers.list_shards(uri, spec.input.format, files_per_shard=spec.input.files_per_shard,  # noqa: E731
+                                     storage_options=dict(spec.input.storage_options) or None)
+  try:
+    return call() if timeout_s is None else errors.call_with_deadline(call, timeout_s)
+  except readers.InputError:
+    raise
+  except (OSError, ValueError) as e:  # TimeoutError and connection errors are OSErrors
+    raise readers.InputError(f"input.uri: cannot list {redact_uri(uri)}: {type(e).__name__}: "
+                             f"{errors.one_line(e)}") from None
+
+
+def check_output(uri: str, storage_options: Optional[dict] = None) -> None:
+  """OutputError (naming output.uri) when `uri` is a file, lies under a file, or cannot be reached."""
+  import fsspec
+  from pgbatch import errors
+  from pgbatch.redact import redact_uri
+  shown = redact_uri(uri)
+  try:
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    probe = path.rstrip("/")
+    while probe and not fs.exists(probe):
+      parent = probe.rsplit("/", 1)[0] if "/" in probe else ""
+      if parent == probe:
+        break
+      probe = parent
+    if probe and fs.isfile(probe):
+      where = "is a file" if probe == path.rstrip("/") else f"lies under the file {probe}"
+      raise errors.OutputError(f"output.uri: {shown} {where}; expected a folder")
+  except errors.OutputError:
+    raise
+  except (OSError, ValueError) as e:
+    raise errors.OutputError(f"output.uri: cannot use {shown}: {type(e).__name__}: {errors.one_line(e)}") from None
+
+
 def run(spec, progress: bool = True, stream=None) -> Summary:
   """Runs the job; never raises for bad data. Raises `InputError` when the input matches no shards."""
   from pgbatch.io import readers, sink as sink_lib
@@ -738,8 +785,8 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
   started_at = datetime.datetime.now(datetime.timezone.utc)
   run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
   summary = Summary(job=spec.name, run_id=run_id, output_uri=redact_uri(spec.output.uri))
-  shards = readers.list_shards(spec.input.uri, spec.input.format, files_per_shard=spec.input.files_per_shard,
-                               storage_options=dict(spec.input.storage_options) or None)
+  shards = list_inputs(spec)
+  check_output(spec.output.uri, dict(spec.output.storage_options) or None)
   out_schema = spec.output_schema()
   sink = sink_lib.Sink(spec.output.uri, out_schema, storage_options=dict(spec.output.storage_options) or None,
                        job=spec.name)
@@ -829,7 +876,7 @@ def register_run(parser) -> None:
 def main_run(args) -> int:
   from pgbatch import config
   from pgbatch.io.readers import InputError
-  if getattr(args, "verbose", False):
+  if getattr(args, "verbose", False) and logging.getLogger("pgbatch").getEffectiveLevel() > logging.INFO:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pgbatch").setLevel(logging.INFO)
   try:
@@ -840,17 +887,18 @@ def main_run(args) -> int:
   from pgbatch.redact import install_log_filter
   install_log_filter(spec.secrets())
   from pgbatch.checkpoints import CheckpointError
+  from pgbatch.errors import OutputError, report
   from pgbatch.tokenizer import TokenizerError
   try:
     summary = run(spec, progress=not args.no_progress)
   except InputError as e:
-    print(f"pgbatch run: {spec.name}: no input to process: {e}", file=sys.stderr)
+    report(f"pgbatch run: {spec.name}: no input to process", e)
     return 2
   except (CheckpointError, TokenizerError, FileNotFoundError) as e:
-    print(f"pgbatch run: {spec.name}: cannot load the model: {e}", file=sys.stderr)
+    report(f"pgbatch run: {spec.name}: cannot load the model", e)
     return 2
-  except (ResourceError, SafetyListError) as e:
-    print(f"pgbatch run: {spec.name}: {e}", file=sys.stderr)
+  except (ResourceError, SafetyListError, OutputError) as e:
+    report(f"pgbatch run: {spec.name}", e)
     return 2
   print(summary.line())
   if summary.reasons:

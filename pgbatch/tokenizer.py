@@ -101,6 +101,10 @@ def load(uri: str) -> Tokenizer:
       model = f.read()
   except FileNotFoundError:
     raise TokenizerError(f"tokenizer not found: {uri}") from None
+  except IsADirectoryError:
+    raise TokenizerError(f"{uri} is a folder; expected the SentencePiece model file (tokenizer.model)") from None
+  except OSError as e:
+    raise TokenizerError(f"cannot read {uri}: {e.strerror or e}") from None
   return Tokenizer(model, str(uri))
 
 

@@ -187,7 +187,7 @@ def test_validate_command_reports_the_field_and_fails(tmp_path, capsys):
   tree = json.loads(json.dumps(BASE))
   tree["resources"]["batch_sise"] = 32
   (tmp_path / "job.yaml").write_text(yaml.safe_dump(tree))
-  assert cli.main(["validate", str(tmp_path / "job.yaml")]) == 1
+  assert cli.main(["validate", str(tmp_path / "job.yaml")]) == 2
   err = capsys.readouterr().err
   assert "resources.batch_sise: unknown field" in err
   del tree["resources"]["batch_sise"]
@@ -200,7 +200,7 @@ def test_validate_inputs_lists_the_shards(tmp_path, capsys):
   tree = json.loads(json.dumps(BASE))
   tree["input"]["uri"] = str(tmp_path / "shards" / "*.tar")
   (tmp_path / "job.yaml").write_text(yaml.safe_dump(tree))
-  assert cli.main(["validate", str(tmp_path / "job.yaml"), "--inputs"]) == 1
+  assert cli.main(["validate", str(tmp_path / "job.yaml"), "--inputs"]) == 2
   assert "input:" in capsys.readouterr().err
   (tmp_path / "shards").mkdir()
   for i in range(4):

@@ -1,0 +1,108 @@
+"""Every user-facing failure is one line naming the field or file, with the documented exit status
+(pgbatch.errors: 2 spec/input/output/model, 1 partial, 130 Ctrl-C after a clean stop); `--debug` adds the
+traceback. Each case used to print a raw traceback."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import yaml
+
+from pgbatch import cli, demo, errors
+from tests import pipeline_helpers as H
+
+
+def write_job(path, **tree) -> str:
+  path.write_text(yaml.safe_dump(tree))
+  return str(path)
+
+
+def one_line(err: str) -> str:
+  lines = [x for x in err.splitlines() if x.strip()]
+  assert len(lines) == 1 and "Traceback" not in err, err
+  return lines[0]
+
+
+def test_output_uri_that_is_a_file(tmp_path, capsys):
+  (tmp_path / "in").mkdir()
+  (tmp_path / "in" / "s.tar").write_bytes(b"")
+  (tmp_path / "taken").write_text("a file")
+  job = write_job(tmp_path / "job.yaml", **H.job("j", str(tmp_path / "in" / "*.tar"), str(tmp_path / "taken"),
+                                                 "/m.npz", "/t.model"))
+  assert cli.main(["run", job, "--no-progress"]) == errors.BAD_INPUT
+  line = one_line(capsys.readouterr().err)
+  assert line.startswith("pgbatch run: j: output.uri: ") and "taken is a file; expected a folder" in line
+  job = write_job(tmp_path / "job2.yaml", **H.job("j", str(tmp_path / "in" / "*.tar"),
+                                                  str(tmp_path / "taken" / "sub") + "/", "/m.npz", "/t.model"))
+  assert cli.main(["run", job, "--no-progress"]) == errors.BAD_INPUT
+  assert "lies under the file" in one_line(capsys.readouterr().err)
+  # --debug: the same line, and the traceback
+  assert cli.main(["run", job, "--no-progress", "--debug"]) == errors.BAD_INPUT
+  err = capsys.readouterr().err
+  assert "pgbatch run: j: output.uri: " in err and "Traceback" in err and "OutputError" in err
+  assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_path_that_is_a_folder(tmp_path, capsys):
+  ckpt, _ = H.tiny_model(tmp_path / "model")
+  (tmp_path / "in").mkdir()
+  (tmp_path / "in" / "s.tar").write_bytes(b"")
+  (tmp_path / "tokdir").mkdir()
+  job = write_job(tmp_path / "job.yaml", **H.job("j", str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"),
+                                                 ckpt, str(tmp_path / "tokdir")))
+  assert cli.main(["run", job, "--no-progress"]) == errors.BAD_INPUT
+  line = one_line(capsys.readouterr().err)
+  assert line.startswith("pgbatch run: j: cannot load the model: model.tokenizer: ") and "is a folder" in line
+
+
+def _closed_port() -> int:
+  s = socket.socket()
+  s.bind(("127.0.0.1", 0))
+  port = s.getsockname()[1]
+  s.close()
+  return port
+
+
+def test_validate_inputs_against_an_unreachable_bucket(tmp_path):
+  tree = H.job("j", "gs://nobody-bucket/shards/*.tar", "gs://nobody-bucket/out/", "/m.npz", "/t.model")
+  tree["input"]["storage_options"] = {"endpoint_url": f"http://127.0.0.1:{_closed_port()}", "token": "anon"}
+  job = write_job(tmp_path / "job.yaml", **tree)
+  p = H.run_cli("validate", job, "--inputs", "--timeout", "3", timeout=120)
+  assert p.returncode == errors.BAD_INPUT, p.stderr
+  line = one_line(p.stderr)
+  assert line.startswith(f"{job}: input: input.uri: cannot list gs://nobody-bucket/shards/*.tar: "), line
+
+
+def test_ctrl_c_stops_a_run_cleanly(tmp_path):
+  """SIGINT to the whole process group (what a terminal's Ctrl-C does) once the first shard is committed: the
+  run stops, Ray goes down, one line, exit 130; the committed shards stay committed."""
+  ckpt, tok = H.tiny_model(tmp_path / "model")
+  photos = demo.samples()[:2]
+  demo.write_shards(tmp_path / "shards", photos * 8, shards=8, prefix="s")
+  out = tmp_path / "out"
+  job = write_job(tmp_path / "job.yaml", **H.job("ctrlc", str(tmp_path / "shards" / "*.tar"), str(out) + "/",
+                                                 ckpt, tok, fast_safety=True, batch_size=2,
+                                                 resources={"accelerator": "cpu", "actors": 1, "batch_size": 2}))
+  p = subprocess.Popen(H.pgbatch_cmd("run", job, "--no-progress"), env=H.subprocess_env(), cwd=str(H.ROOT),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    deadline = time.monotonic() + 540
+    while not (out / "_manifest").exists() or not any((out / "_manifest").iterdir()):
+      assert p.poll() is None, p.communicate()
+      assert time.monotonic() < deadline, "no shard committed in 540 s"
+      time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+  finally:
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGKILL)
+  assert p.returncode == errors.INTERRUPTED, (p.returncode, stdout, stderr)
+  assert "Traceback" not in stderr, stderr
+  assert stderr.strip().splitlines()[-1].startswith("pgbatch run: interrupted"), stderr
+  from pgbatch.io import sink
+  entries = sink.read_manifest(str(out))
+  assert 1 <= len(entries) < 8 and all(os.path.exists(e["file"]) for e in entries), json.dumps(entries)
