@@ -475,9 +475,11 @@ def register_validate(parser) -> None:
                       help="also list the input shards the glob matches (reads the bucket or folder listing)")
   parser.add_argument("--timeout", type=float, default=60.0, metavar="S",
                       help="with --inputs: give up listing after S seconds (default 60)")
-  parser.epilog = ("Spec shape: name, input {uri, format, image_column, key_column, files_per_shard}, "
+  parser.epilog = ("Spec shape: name, input {uri, format, image_column, key_column, files_per_shard, "
+                   "storage_options, allowed_sources}, "
                    "output {uri}, model {checkpoint, tokenizer, variant, dtype, vae}, tasks [{name, kind, ...}], "
-                   "resources {accelerator, actors, chips_per_actor, batch_size, ...}, decode {...}, safety {...}. "
+                   "resources {accelerator, actors, chips_per_actor, batch_size, ...}, decode {max_pixels, "
+                   "max_decoded_bytes, batch_size}, safety {...}. ${VAR} only in uris, storage_options, model paths. "
                    "Env overrides: PGBATCH__SECTION__FIELD=value.")
 
 
