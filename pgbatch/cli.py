@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(args._module)
     code = int(getattr(module, f"main_{args.command}")(args) or 0)
     sys.stdout.flush()  # a closed pipe surfaces here rather than at interpreter exit
+    _stop_ray()  # here, not in Ray's atexit hook, so that a Ctrl-C while it stops is handled below
     return code
   except BrokenPipeError:  # `pgbatch schema show | head`: the reader left; not an error worth a traceback
     import os

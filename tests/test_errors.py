@@ -78,31 +78,40 @@ def test_validate_inputs_against_an_unreachable_bucket(tmp_path):
 
 
 def test_ctrl_c_stops_a_run_cleanly(tmp_path):
-  """SIGINT to the whole process group (what a terminal's Ctrl-C does) once the first shard is committed: the
-  run stops, Ray goes down, one line, exit 130; the committed shards stay committed."""
+  """SIGINT to the whole process group (what a terminal's Ctrl-C does) while the run is under way (Ray up, the
+  plan executing): the run stops, Ray goes down, one line, exit 130; whatever was committed stays committed."""
+  import threading
   ckpt, tok = H.tiny_model(tmp_path / "model")
   photos = demo.samples()[:2]
   demo.write_shards(tmp_path / "shards", photos * 8, shards=8, prefix="s")
   out = tmp_path / "out"
   job = write_job(tmp_path / "job.yaml", **H.job("ctrlc", str(tmp_path / "shards" / "*.tar"), str(out) + "/",
-                                                 ckpt, tok, fast_safety=True, batch_size=2,
-                                                 resources={"accelerator": "cpu", "actors": 1, "batch_size": 2}))
-  p = subprocess.Popen(H.pgbatch_cmd("run", job, "--no-progress"), env=H.subprocess_env(), cwd=str(H.ROOT),
+                                                 ckpt, tok, fast_safety=True, batch_size=2))
+  p = subprocess.Popen(H.pgbatch_cmd("run", job, "--no-progress", "-v"), env=H.subprocess_env(), cwd=str(H.ROOT),
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  lines: list[str] = []
+  ready = threading.Event()
+
+  def read_stderr():
+    for line in p.stderr:
+      lines.append(line)
+      if "ray ready" in line:
+        ready.set()
+  reader = threading.Thread(target=read_stderr, daemon=True)
+  reader.start()
   try:
-    deadline = time.monotonic() + 540
-    while not (out / "_manifest").exists() or not any((out / "_manifest").iterdir()):
-      assert p.poll() is None, p.communicate()
-      assert time.monotonic() < deadline, "no shard committed in 540 s"
-      time.sleep(0.5)
+    assert ready.wait(540), "".join(lines)
     os.killpg(p.pid, signal.SIGINT)
-    stdout, stderr = p.communicate(timeout=120)
+    stdout = p.stdout.read()
+    p.wait(timeout=120)
+    reader.join(timeout=30)
   finally:
     if p.poll() is None:
       os.killpg(p.pid, signal.SIGKILL)
+  stderr = "".join(lines)
   assert p.returncode == errors.INTERRUPTED, (p.returncode, stdout, stderr)
   assert "Traceback" not in stderr, stderr
   assert stderr.strip().splitlines()[-1].startswith("pgbatch run: interrupted"), stderr
   from pgbatch.io import sink
-  entries = sink.read_manifest(str(out))
-  assert 1 <= len(entries) < 8 and all(os.path.exists(e["file"]) for e in entries), json.dumps(entries)
+  entries = sink.read_manifest(str(out)) if (out / "_manifest").exists() else []
+  assert len(entries) < 8 and all(os.path.exists(e["file"]) for e in entries), json.dumps(entries)
