@@ -500,9 +500,9 @@ def main_validate(args) -> int:
           f"tasks: {kinds}; {spec.resources.actors} {spec.resources.accelerator} actor(s)")
     if getattr(args, "inputs", False):
       from pgbatch.io import readers
-      from pgbatch.pipeline import list_inputs
+      from pgbatch.io.listing import list_inputs
       try:
-        shards = list_inputs(spec, timeout_s=args.timeout)
+        shards = list_inputs(spec.input, timeout_s=args.timeout)
       except readers.InputError as e:
         print(f"{job}: input: {e}", file=sys.stderr)
         bad += 1

@@ -735,24 +735,6 @@ def build_dataset(spec, items: list[dict], info: dict, provenance: dict, inherit
   return ds
 
 
-def list_inputs(spec, timeout_s: Optional[float] = None) -> list:
-  """`readers.list_shards` for the spec's input; an unreachable or unreadable location is an InputError naming
-  input.uri (after `timeout_s`, when given)."""
-  from pgbatch import errors
-  from pgbatch.io import readers
-  from pgbatch.redact import redact_uri
-  uri = spec.input.uri
-  call = lambda: readers.list_shards(uri, spec.input.format, files_per_shard=spec.input.files_per_shard,  # noqa: E731
-                                     storage_options=dict(spec.input.storage_options) or None)
-  try:
-    return call() if timeout_s is None else errors.call_with_deadline(call, timeout_s)
-  except readers.InputError:
-    raise
-  except (OSError, ValueError) as e:  # TimeoutError and connection errors are OSErrors
-    raise readers.InputError(f"input.uri: cannot list {redact_uri(uri)}: {type(e).__name__}: "
-                             f"{errors.one_line(e)}") from None
-
-
 def check_output(uri: str, storage_options: Optional[dict] = None) -> None:
   """OutputError (naming output.uri) when `uri` is a file, lies under a file, or cannot be reached."""
   import fsspec
@@ -785,7 +767,8 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
   started_at = datetime.datetime.now(datetime.timezone.utc)
   run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
   summary = Summary(job=spec.name, run_id=run_id, output_uri=redact_uri(spec.output.uri))
-  shards = list_inputs(spec)
+  from pgbatch.io.listing import list_inputs
+  shards = list_inputs(spec.input)
   check_output(spec.output.uri, dict(spec.output.storage_options) or None)
   out_schema = spec.output_schema()
   sink = sink_lib.Sink(spec.output.uri, out_schema, storage_options=dict(spec.output.storage_options) or None,

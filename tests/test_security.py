@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pgbatch import config, demo, pipeline, schema
+from pgbatch import config, demo, pipeline, schema_docs
 from tests import pipeline_helpers as H
 from tests.test_io_decode import png16_bomb
 from tests.test_io_sources import recording_server
@@ -123,7 +123,7 @@ def test_hostile_rows_are_errors_and_nothing_outside_was_read(hostile_run):
 
 
 def test_hostile_output_matches_the_published_schema(hostile_run):
-  validator = jsonschema.Draft202012Validator(schema.json_schema())
+  validator = jsonschema.Draft202012Validator(schema_docs.json_schema())
   table = pa.concat_tables(H.read_output(hostile_run["out"])[1].values())
   for r in table.to_pylist():
     validator.validate(json.loads(json.dumps(r, default=lambda d: d.isoformat())))

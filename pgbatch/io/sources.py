@@ -146,3 +146,4 @@ def storage_options_for(source: str, input_uri: str, storage_options: dict | Non
   except ForbiddenSource:
     same = False
   return storage_options if same else None
+
