@@ -42,7 +42,6 @@ import yaml
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 JOB_FILE = "job.yaml"
 GLOB_CHARS = re.compile(r"[*?\[]")
-URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 NEVER_PIN = ("ray",)  # the cluster's Ray must not be replaced by a runtime env
 
@@ -62,8 +61,10 @@ class Upload:
 
 
 def _is_relative_local(value: Any) -> bool:
-  return (isinstance(value, str) and bool(value.strip()) and not URL.match(value) and "${" not in value
-          and not value.startswith(("/", "~", "file:")))
+  """A relative local path as written in a spec (not a URL, not absolute, no `${VAR}` left for the cluster)."""
+  from pgbatch.fsutil import is_local_path
+  return (isinstance(value, str) and bool(value.strip()) and is_local_path(value) and "${" not in value
+          and not value.startswith(("/", "~")))
 
 
 def _staged_name(rel: str) -> str:

@@ -115,3 +115,19 @@ def test_ctrl_c_stops_a_run_cleanly(tmp_path):
   from pgbatch.io import sink
   entries = sink.read_manifest(str(out)) if (out / "_manifest").exists() else []
   assert len(entries) < 8 and all(os.path.exists(e["file"]) for e in entries), json.dumps(entries)
+
+
+def test_check_output_on_an_object_store(gcs):
+  from pgbatch import pipeline
+  fs, bucket = gcs
+  fs.pipe(f"{bucket}/errors/taken", b"a file")
+  pipeline.check_output(f"gs://{bucket}/errors/new-folder/")  # missing folders are fine: the sink makes them
+  fs.pipe(f"{bucket}/errors/existing/x.parquet", b"x")
+  pipeline.check_output(f"gs://{bucket}/errors/existing/")
+  for uri, what in ((f"gs://{bucket}/errors/taken", "is a file"), (f"gs://{bucket}/errors/taken/sub/", "lies under")):
+    try:
+      pipeline.check_output(uri)
+    except errors.OutputError as e:
+      assert str(e).startswith(f"output.uri: {uri}") and what in str(e), str(e)
+    else:
+      raise AssertionError(f"{uri} accepted")
