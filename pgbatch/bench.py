@@ -6,10 +6,8 @@ A fixed number of new tokens is generated (EOS ignored), as in the transformers 
 """
 from __future__ import annotations
 
-import json
 import math
 import resource
-import sys
 import time
 
 import jax
@@ -18,7 +16,7 @@ import numpy as np
 
 from pgbatch.model import PaliGemma, configs, pad_prompts, paligemma, unflatten
 from pgbatch.model.configs import PaliGemmaConfig
-from pgbatch.model.sharding import make_mesh, param_sharding
+from pgbatch.model.sharding import param_sharding
 
 
 def random_model(cfg: PaliGemmaConfig, dtype="bfloat16", mesh=None, seed: int = 0) -> PaliGemma:
@@ -184,44 +182,6 @@ def bench_pipeline(variant: str, images: int, batch: int, workdir: str | None = 
               output=str(out), device=engine["device"])
 
 
-def register_bench(parser) -> None:
-  parser.add_argument("--variant", default="tiny-pg1", help="model variant (pgbatch models)")
-  parser.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes to sweep")
-  parser.add_argument("--new-tokens", type=int, default=20)
-  parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--mesh", default=None, help="DATAxMODEL over the local devices, e.g. 1x8; default one device")
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--pipeline", action="store_true", help="time the whole Ray pipeline instead")
-  parser.add_argument("--images", type=int, default=256, help="--pipeline: images to annotate")
-  parser.add_argument("--workdir", default=None, help="--pipeline: where shards and output go; --load: where the "
-                      "random checkpoint is written (kept and reused), default a temporary directory")
-  parser.add_argument("--load", nargs="?", const="", default=None, metavar="URI",
-                      help="time loading a checkpoint (any fsspec URL) onto the device(s): seconds, MB/s, peak host "
-                      "RSS; without URI a random checkpoint of --load-gb is written first")
-  parser.add_argument("--load-gb", type=float, default=2.0, help="--load: size of the random checkpoint (GB)")
-  parser.add_argument("--load-format", choices=("npz", "hf"), default="npz",
-                      help="--load: format of the random checkpoint (big_vision .npz or HF safetensors)")
-  parser.add_argument("--stored-dtype", default="bfloat16", help="--load: dtype of the random checkpoint's tensors")
-
-
-def main_bench(args) -> int:
-  if args.load is not None:
-    return main_load(args)
-  if args.pipeline:
-    print(json.dumps(bench_pipeline(args.variant, args.images, int(args.batch.split(",")[-1]), args.workdir,
-                                    args.dtype, args.new_tokens, args.repeats)))
-    return 0
-  cfg = configs.get(args.variant)
-  mesh = make_mesh(*map(int, args.mesh.lower().split("x"))) if args.mesh else None
-  model = random_model(cfg, args.dtype, mesh)
-  peak = matmul_peak(args.dtype)
-  prompt = [2, 6000, 7000, 108]  # BOS "caption en" "\n"-sized prompt
-  for batch in (int(b) for b in args.batch.split(",")):
-    batch = max(batch, model.data_parallelism)
-    print(json.dumps(bench_engine(model, batch, args.new_tokens, prompt, args.repeats, peak)), flush=True)
-  return 0
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # `pgbatch bench --load`: checkpoint loading speed and host memory.
 
@@ -351,41 +311,3 @@ def bench_load(uri: str, dtype: str = "bfloat16", mesh=None, fixed_overhead: int
               host_transient_bytes=transient, transient_bound_bytes=bound, within_bound=bool(transient <= bound),
               rss_method=rss.method, digest=model.info.digest, device=jax.devices()[0].device_kind,
               num_devices=jax.device_count(), mesh=dict(mesh.shape) if mesh is not None else None)
-
-
-def main_load(args) -> int:
-  import pathlib
-  import shutil
-  import tempfile
-
-  from pgbatch import checkpoints
-  mesh = make_mesh(*map(int, args.mesh.lower().split("x"))) if args.mesh else None
-  uri, tmp = args.load, None
-  if not uri:
-    stored = np.dtype(jnp.dtype(args.stored_dtype))
-    cfg = synthetic_config(args.load_gb * 1e9, stored.itemsize)
-    root = pathlib.Path(args.workdir) if args.workdir else pathlib.Path(tempfile.mkdtemp(prefix="pgbatch-load-"))
-    tmp = None if args.workdir else root
-    name = f"{cfg.name}-{stored}" + (".npz" if args.load_format == "npz" else "-hf")
-    uri = str(root / name)
-    if not (root / name).exists():
-      root.mkdir(parents=True, exist_ok=True)
-      t0 = time.perf_counter()
-      write_random_checkpoint(uri, cfg, args.load_format, stored)
-      print(f"wrote {uri} ({configs.num_params(cfg) * stored.itemsize / 1e9:.2f} GB) in "
-            f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
-  try:
-    for _ in range(max(1, args.repeats)):
-      print(json.dumps(bench_load(uri, args.dtype, mesh)), flush=True)
-  except checkpoints.CheckpointError as e:
-    print(f"pgbatch bench: {e}", file=sys.stderr)
-    return 1
-  finally:
-    if tmp is not None:
-      shutil.rmtree(tmp, ignore_errors=True)
-  return 0
-
-
-if __name__ == "__main__":
-  from pgbatch.cli import main
-  sys.exit(main(["bench", *sys.argv[1:]]))

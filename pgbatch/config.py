@@ -433,8 +433,9 @@ def from_dict(tree: Any, overrides: Iterable[str] = (), environ: Optional[Mappin
   return spec
 
 
-def load(path: str, overrides: Iterable[str] = (), environ: Optional[Mapping[str, str]] = None) -> JobSpec:
-  """Reads a YAML job spec (local path or fsspec URL) and validates it (see the module doc)."""
+def read_yaml(path: str) -> tuple[Any, Optional[Path]]:
+  """The YAML tree of a job file (local path or fsspec URL) and the folder its relative paths resolve against
+  (None for URLs); JobSpecError naming the file when it cannot be read or parsed. The one job-file reader."""
   path = str(path)
   base = None
   try:
@@ -450,64 +451,26 @@ def load(path: str, overrides: Iterable[str] = (), environ: Optional[Mapping[str
   except IsADirectoryError:
     raise JobSpecError(path, [("", "is a folder, expected a YAML job spec")]) from None
   try:
-    tree = yaml.safe_load(text)
+    return yaml.safe_load(text), base
   except yaml.YAMLError as e:
     raise JobSpecError(path, [("", f"not valid YAML: {e}")]) from None
-  return from_dict(tree, overrides, environ, source=path, base=base)
+
+
+def load(path: str, overrides: Iterable[str] = (), environ: Optional[Mapping[str, str]] = None) -> JobSpec:
+  """Reads a YAML job spec (local path or fsspec URL) and validates it (see the module doc)."""
+  tree, base = read_yaml(path)
+  return from_dict(tree, overrides, environ, source=str(path), base=base)
+
+
+def load_partial(path: str, overrides: Iterable[str] = (), environ: Optional[Mapping[str, str]] = None) -> dict:
+  """A job file's tree with the environment and `--set` overrides applied but not validated as a whole, for
+  commands that read one section (`pgbatch schema show --job`, `pgbatch safety show --job`)."""
+  tree, _ = read_yaml(path)
+  if tree is None:
+    return {}
+  if not isinstance(tree, dict):
+    raise JobSpecError(str(path), [("", f"a job spec is a YAML mapping, got {type(tree).__name__}")])
+  return merged_tree(tree, overrides, environ)
 
 
 load_job = load
-
-
-# --- CLI: pgbatch validate --------------------------------------------------------------------------------
-
-
-def add_override_args(parser) -> None:
-  parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
-                      help="override a field, e.g. --set resources.batch_size=32 --set tasks[0].lang=de")
-
-
-def register_validate(parser) -> None:
-  parser.add_argument("jobs", nargs="+", metavar="JOB.yaml", help="job spec(s) to check")
-  add_override_args(parser)
-  parser.add_argument("--show", action="store_true", help="print the resolved spec (defaults filled in)")
-  parser.add_argument("--inputs", action="store_true",
-                      help="also list the input shards the glob matches (reads the bucket or folder listing)")
-  parser.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                      help="with --inputs: give up listing after S seconds (default 60)")
-  parser.epilog = ("Spec shape: name, input {uri, format, image_column, key_column, files_per_shard, "
-                   "storage_options, allowed_sources}, "
-                   "output {uri}, model {checkpoint, tokenizer, variant, dtype, vae}, tasks [{name, kind, ...}], "
-                   "resources {accelerator, actors, chips_per_actor, batch_size, ...}, decode {max_pixels, "
-                   "max_decoded_bytes, batch_size}, safety {...}. ${VAR} only in uris, storage_options, model paths. "
-                   "Env overrides: PGBATCH__SECTION__FIELD=value.")
-
-
-def main_validate(args) -> int:
-  import sys
-  bad = 0
-  for job in args.jobs:
-    try:
-      spec = load(job, args.overrides)
-    except JobSpecError as e:
-      print(str(e), file=sys.stderr)
-      bad += 1
-      continue
-    kinds = ", ".join(f"{t.name} ({t.kind})" for t in spec.tasks)
-    from pgbatch.redact import redact_uri
-    print(f"{job}: ok — job {spec.name!r}, {spec.input.format} from {redact_uri(spec.input.uri)} → "
-          f"{redact_uri(spec.output.uri)}; "
-          f"tasks: {kinds}; {spec.resources.actors} {spec.resources.accelerator} actor(s)")
-    if getattr(args, "inputs", False):
-      from pgbatch.io import readers
-      from pgbatch.io.listing import list_inputs
-      try:
-        shards = list_inputs(spec.input, timeout_s=args.timeout)
-      except readers.InputError as e:
-        print(f"{job}: input: {e}", file=sys.stderr)
-        bad += 1
-        continue
-      print(f"  {len(shards)} input shard(s): " + ", ".join(s.id for s in shards[:3]) + (" …" if len(shards) > 3 else ""))
-    if args.show:
-      print(spec.to_yaml())
-  return 2 if bad else 0  # 2: a bad spec or input (see pgbatch.errors)

@@ -205,13 +205,3 @@ def run_demo(workdir=DEFAULT_WORKDIR, progress: bool = True, out=None) -> int:
     say(f"demo FAILED: {summary.failure}")
     return 1
   return 0
-
-
-def register_demo(parser) -> None:
-  parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
-                      help=f"where model, shards, job.yaml and output go (default: ./{DEFAULT_WORKDIR})")
-  parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
-
-
-def main_demo(args) -> int:
-  return run_demo(args.workdir, progress=not args.no_progress)

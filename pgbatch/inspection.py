@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import json
-import sys
 from typing import Any, Optional
 
 
@@ -131,19 +130,3 @@ def format_report(rep: dict) -> str:
                  "progress or killed; the next run removes and redoes them):")
     lines += [f"  {u}" for u in rep["uncommitted_files"][:10]]
   return "\n".join(lines)
-
-
-def register_inspect(parser) -> None:
-  parser.add_argument("output", metavar="OUTPUT", help="the job's output.uri (local folder or gs://…)")
-  parser.add_argument("--rows", type=int, default=3, help="sample rows to show (default 3)")
-  parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def main_inspect(args) -> int:
-  try:
-    rep = summarize(args.output, rows=args.rows)
-  except FileNotFoundError as e:
-    print(f"pgbatch inspect: {args.output}: not found ({e})", file=sys.stderr)
-    return 2
-  print(json.dumps(rep, indent=1, default=str) if args.json else format_report(rep))
-  return 0 if rep["shards"] else 1

@@ -25,7 +25,6 @@ def canonical_tasks() -> list[tasks_lib.Task]:
   return [tasks_lib.make_task(d) for d in CANONICAL_TASKS]
 
 
-
 def _doc(f: pa.Field) -> str:
   return (f.metadata or {}).get(b"doc", b"").decode()
 
@@ -292,31 +291,3 @@ def describe(schema: pa.Schema) -> str:
   for k, v in (schema.metadata or {}).items():
     lines.append(f"# {k.decode()}: {v.decode()}")
   return "\n".join(lines)
-
-
-def register_schema(parser) -> None:
-  sub = parser.add_subparsers(dest="schema_command", required=True, metavar="ACTION")
-  p = sub.add_parser("export", help="write schemas/annotations.v*.{json,md} for the canonical job")
-  p.add_argument("--out", default="schemas", help="output directory (default: schemas)")
-  p = sub.add_parser("show", help="print the Arrow output schema with field docs")
-  p.add_argument("--job", help="job spec YAML whose tasks to use (default: the canonical job)")
-  p.add_argument("--format", choices=("tree", "json"), default="tree", help="tree (Arrow) or JSON Schema")
-
-
-def main_schema(args) -> int:
-  if args.schema_command == "export":
-    for path in export(args.out):
-      print(path)
-    return 0
-  tasks = canonical_tasks()
-  if args.job:
-    import fsspec
-    import yaml
-    with fsspec.open(args.job, "r") as f:
-      spec = yaml.safe_load(f) or {}
-    tasks = [tasks_lib.make_task(d) for d in spec.get("tasks") or []]
-  if args.format == "json":
-    print(json.dumps(json_schema(tasks), indent=2, ensure_ascii=False))
-  else:
-    print(describe(output_schema(tasks)))
-  return 0

@@ -21,7 +21,6 @@ The spec is validated here first (with the overrides and environment), so a typo
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import hashlib
@@ -121,7 +120,7 @@ def plan_upload(job_path: str | os.PathLike, overrides: Iterable[str] = (), envi
   from pgbatch import config
   job_path = Path(job_path).resolve()
   base = job_path.parent
-  tree = config.merged_tree(yaml.safe_load(job_path.read_text()) or {}, overrides, environ)
+  tree = config.merged_tree(config.read_yaml(str(job_path))[0] or {}, overrides, environ)
   out = config.get_path(tree, "output.uri")
   if _is_relative_local(out):
     raise ValueError(f"output.uri: {out!r} is a relative path; a cluster job must write to shared storage "
@@ -303,68 +302,3 @@ def wait(address: str | None, job_id: str, timeout_s: float = 3600, poll_s: floa
     if status in TERMINAL or time.monotonic() > deadline:
       return status
     time.sleep(poll_s)
-
-
-# --- CLI ------------------------------------------------------------------------------------------------
-
-
-def _address_arg(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--address", default=None,
-                      help=f"Ray dashboard address (default: $RAY_ADDRESS or {DEFAULT_ADDRESS})")
-
-
-def register_submit(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("job", help="job spec (YAML)")
-  _address_arg(parser)
-  parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a spec field (repeatable); validated here, forwarded to the run")
-  parser.add_argument("--env", dest="env_mode", choices=("image", "pip", "local"), default="pip",
-                      help="how pgbatch reaches the cluster: the image has it | this wheel + pinned deps "
-                           "(default) | this source folder, dependencies already there")
-  parser.add_argument("--submission-id", default=None, help="job id to use (default: Ray picks one)")
-  parser.add_argument("--follow", action="store_true", help="stream logs until the job ends")
-  parser.add_argument("--dry-run", action="store_true",
-                      help="validate and print the upload list (working-dir path, local file, size, spec field)")
-
-
-def main_submit(args: argparse.Namespace) -> int:
-  try:
-    if getattr(args, "dry_run", False):
-      dry_run(args.job, args.overrides, args.env_mode)
-      return 0
-    job_id = submit(args.job, args.address, args.overrides, args.env_mode, args.submission_id)
-  except (ValueError, ConnectionError) as e:
-    print(f"pgbatch submit: {e}", file=sys.stderr)
-    return 2
-  print(job_id, flush=True)
-  if not args.follow:
-    return 0
-  status = follow(args.address, job_id)
-  print(f"{job_id}: {status}", file=sys.stderr)
-  return 0 if status == "SUCCEEDED" else 1
-
-
-def register_status(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("job_id", help="id printed by `pgbatch submit`")
-  _address_arg(parser)
-  parser.add_argument("--logs", action="store_true", help="print the logs so far")
-  parser.add_argument("--follow", action="store_true", help="stream logs until the job ends")
-  parser.add_argument("--wait", action="store_true", help="block until the job ends; exit 0 only if it succeeded")
-
-
-def main_status(args: argparse.Namespace) -> int:
-  try:
-    c = client(args.address)
-    info = c.get_job_info(args.job_id)
-  except (RuntimeError, ConnectionError) as e:  # unknown id (HTTP 404) / no Ray head there
-    print(f"pgbatch status: {args.job_id}: {e}", file=sys.stderr)
-    return 2
-  if args.logs:
-    print(c.get_job_logs(args.job_id), end="")
-  status = follow(args.address, args.job_id) if args.follow else (
-      wait(args.address, args.job_id) if args.wait else str(info.status.value))
-  message = c.get_job_info(args.job_id).message or ""
-  print(f"{args.job_id}\t{status}\t{message}".rstrip())
-  if args.follow or args.wait:
-    return 0 if status == "SUCCEEDED" else 1
-  return 1 if status in ("FAILED", "STOPPED") else 0

@@ -510,7 +510,7 @@ def test_dockerfile_wheel_stage_builds(tmp_path):
   (wheel,) = (tmp_path / "wheels").glob("pgbatch-*.whl")
   assert wheel.name.startswith(f"pgbatch-{PROJECT['version']}-")
   names = set(zipfile.ZipFile(wheel).namelist())
-  for must in ("pgbatch/cli.py", "pgbatch/placement.py", "pgbatch/submit.py", "pgbatch/config.py",
+  for must in ("pgbatch/cli/__init__.py", "pgbatch/placement.py", "pgbatch/submit.py", "pgbatch/config.py",
                "pgbatch/safety/defaults.yaml", "pgbatch/py.typed"):
     assert must in names, f"the image's wheel lacks {must}"
   meta = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))

@@ -152,17 +152,17 @@ def test_validate_rejects_bad_specs_before_upload(job_dir, tmp_path):
 
 def _parser(name):
   parser = argparse.ArgumentParser()
-  getattr(submit, f"register_{name}")(parser)
+  cli.command_module(name).register(parser)
   return parser
 
 
 def test_cli_parses_submit_and_status():
-  assert cli.COMMANDS["submit"][0] == cli.COMMANDS["status"][0] == "pgbatch.submit"
+  assert (cli.COMMANDS["submit"], cli.COMMANDS["status"]) == ("submit", "status")
   args = _parser("submit").parse_args(["jobs/x.yaml", "--address", "http://h:8265", "--set", "a=1", "--follow"])
   assert (args.job, args.address, args.overrides, args.follow, args.env_mode) == (
       "jobs/x.yaml", "http://h:8265", ["a=1"], True, "pip")
   args = _parser("status").parse_args(["raysubmit_1", "--wait"])
-  assert args.job_id == "raysubmit_1" and args.wait and callable(submit.main_status)
+  assert args.job_id == "raysubmit_1" and args.wait and callable(cli.command_module("status").main)
 
 
 def test_submit_reports_unreachable_head(job_dir, capsys):

@@ -1,41 +1,11 @@
-"""`pgbatch safety show [--job JOB.yaml]` and `pgbatch safety calibrate OUTPUT`."""
+"""Safety scores of an output, grouped and binned for calibrating thresholds (`pgbatch safety calibrate`), and
+the resolved policy as text (`pgbatch safety show`)."""
 from __future__ import annotations
-
-import argparse
-import sys
 
 import numpy as np
 import yaml
-from pydantic import ValidationError
 
 from pgbatch.safety.policy import SafetyPolicy
-
-
-def positive_int(v: str) -> int:
-  if not v.isdigit() or int(v) < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
-  return int(v)
-
-
-def register_safety(parser: argparse.ArgumentParser) -> None:
-  sub = parser.add_subparsers(dest="safety_command", required=True, metavar="SUBCOMMAND")
-  show = sub.add_parser("show", help="print the resolved safety policy (defaults merged with a job's safety block)")
-  show.add_argument("--job", help="job spec YAML whose `safety:` block is merged over the defaults")
-  cal = sub.add_parser("calibrate", help="score histograms per filter/category from an output dir of Parquet files")
-  cal.add_argument("output", metavar="OUTPUT", help="output dir (any fsspec URL)")
-  cal.add_argument("--bins", type=positive_int, default=10, help="equal-width bins over [0, 1] (default 10)")
-  cal.add_argument("--by-field", action="store_true", help="one histogram per scored column too")
-  cal.add_argument("--job", help="job spec YAML: mark its thresholds (default: the shipped policy's)")
-
-
-def load_policy(job: str | None) -> SafetyPolicy:
-  """Policy from a job spec's `safety:` block (any fsspec URL), or the defaults."""
-  if not job:
-    return SafetyPolicy.default()
-  import fsspec
-  with fsspec.open(job, "rt") as f:
-    spec = yaml.safe_load(f) or {}
-  return SafetyPolicy.model_validate(spec.get("safety"))
 
 
 def show_text(policy: SafetyPolicy) -> str:
@@ -102,20 +72,3 @@ def format_histograms(groups: dict[Key, np.ndarray], bins: int = 10, policy: Saf
       mark = " <- threshold" if t is not None and (lo <= t < hi or last and t == hi) else ""
       lines.append(f"  [{lo:.2f},{hi:.2f}{']' if last else ')'} {int(c):8d} {'#' * round(width * c / top)}{mark}")
   return "\n".join(lines) if lines else "no safety scores found"
-
-
-def main_safety(args: argparse.Namespace) -> int:
-  try:
-    policy = load_policy(getattr(args, "job", None))
-  except ValidationError as e:
-    print(f"invalid safety policy:\n{e}", file=sys.stderr)
-    return 2
-  if args.safety_command == "show":
-    print(show_text(policy), end="")
-    return 0
-  if not parquet_files(args.output)[1]:
-    print(f"no Parquet files under {args.output}", file=sys.stderr)
-    return 1
-  groups = group_scores(read_scores(args.output), args.by_field)
-  print(format_histograms(groups, args.bins, policy))
-  return 0

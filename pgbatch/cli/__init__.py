@@ -1,6 +1,8 @@
-"""`pgbatch` command line. Each subcommand lives in the module that owns the concern; this file only routes.
+"""`pgbatch` command line: one module per command under `pgbatch.cli`; this file only routes.
 
-A subcommand module exposes `register(parser)` (adds its arguments) and `main(args) -> int`.
+A command module has `HELP` (one line), `register(parser)` (adds its arguments; imports nothing heavy) and
+`main(args) -> int`, which imports what the command needs when it runs: `pgbatch --help` and
+`pgbatch validate` never import JAX or Ray. Core modules never parse arguments; nothing imports this package.
 """
 from __future__ import annotations
 
@@ -8,45 +10,30 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help)
+# command name -> module under pgbatch.cli
 COMMANDS = {
-    "demo": ("pgbatch.demo", "build a tiny model and real-photo shards, then run the job on local Ray"),
-    "run": ("pgbatch.pipeline", "run a job spec"),
-    "validate": ("pgbatch.config", "check a job spec without running it"),
-    "inspect": ("pgbatch.inspection", "counts, error reasons and sample rows of an output"),
-    "publish": ("pgbatch.publish", "append an output's committed files to an Apache Iceberg table"),
-    "submit": ("pgbatch.submit", "submit a job to a Ray cluster (Job Submission API)"),
-    "status": ("pgbatch.submit", "status and logs of a submitted job"),
-    "models": ("pgbatch.model.configs", "list model variants with parameter counts"),
-    "convert": ("pgbatch.checkpoints.convert", "convert big_vision .npz <-> Hugging Face safetensors"),
-    "schema": ("pgbatch.schema_docs", "export or show the output contract"),
-    "safety": ("pgbatch.safety.cli", "show the resolved safety policy, calibrate thresholds"),
-    "bench": ("pgbatch.bench", "engine or pipeline throughput benchmark"),
+    "demo": "demo", "run": "run", "validate": "validate", "inspect": "inspect_output", "publish": "publish",
+    "submit": "submit", "status": "status", "models": "models", "convert": "convert", "schema": "schema",
+    "safety": "safety", "bench": "bench",
 }
 
 
-def _importable(module: str) -> bool:
-  import importlib.util
-  try:
-    return importlib.util.find_spec(module) is not None
-  except ModuleNotFoundError:
-    return False
+def command_module(name: str):
+  return importlib.import_module(f"{__name__}.{COMMANDS[name]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
   from pgbatch import errors
-  parser = argparse.ArgumentParser(prog="pgbatch", description=__doc__.splitlines()[0],
+  parser = argparse.ArgumentParser(prog="pgbatch", description=__doc__.splitlines()[0].split(":")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="Exit status" + errors.__doc__.split("Exit status", 1)[1])
   parser.add_argument("--debug", action="store_true",
                       help="tracebacks and debug logs (also accepted anywhere after the command)")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for name, (module, help_text) in COMMANDS.items():
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    p.set_defaults(_module=module)
-    register = getattr(importlib.import_module(module), f"register_{name}", None) if _importable(module) else None
-    if register:
-      register(p)
+  for name in COMMANDS:
+    module = command_module(name)
+    p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+    module.register(p)
   return parser
 
 
@@ -58,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   errors.configure_logging(debug)
   try:
-    module = importlib.import_module(args._module)
-    code = int(getattr(module, f"main_{args.command}")(args) or 0)
+    code = int(command_module(args.command).main(args) or 0)
     sys.stdout.flush()  # a closed pipe surfaces here rather than at interpreter exit
     _stop_ray()  # here, not in Ray's atexit hook, so that a Ctrl-C while it stops is handled below
     return code
@@ -90,7 +76,3 @@ def _stop_ray() -> None:
       ray.shutdown()
     except BaseException:  # noqa: BLE001 - a second Ctrl-C while stopping: leave the rest to the OS
       pass
-
-
-if __name__ == "__main__":
-  sys.exit(main())

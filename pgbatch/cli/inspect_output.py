@@ -1,0 +1,24 @@
+"""`pgbatch inspect OUTPUT`: counts, error reasons, safety decisions and sample rows of an output."""
+from __future__ import annotations
+
+import json
+import sys
+
+HELP = "counts, error reasons and sample rows of an output"
+
+
+def register(parser) -> None:
+  parser.add_argument("output", metavar="OUTPUT", help="the job's output.uri (local folder or gs://…)")
+  parser.add_argument("--rows", type=int, default=3, help="sample rows to show (default 3)")
+  parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def main(args) -> int:
+  from pgbatch.inspection import format_report, summarize
+  try:
+    rep = summarize(args.output, rows=args.rows)
+  except FileNotFoundError as e:
+    print(f"pgbatch inspect: {args.output}: not found ({e})", file=sys.stderr)
+    return 2
+  print(json.dumps(rep, indent=1, default=str) if args.json else format_report(rep))
+  return 0 if rep["shards"] else 1

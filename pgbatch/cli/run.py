@@ -1,0 +1,54 @@
+"""`pgbatch run JOB.yaml`: run a job on Ray (local or the cluster this process is attached to)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from pgbatch.cli.args import add_override_args
+
+HELP = "run a job spec"
+
+
+def register(parser) -> None:
+  parser.add_argument("job", metavar="JOB.yaml", help="job spec (local path or URL)")
+  add_override_args(parser)
+  parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+  parser.add_argument("-v", "--verbose", action="store_true", help="log each committed shard and the run's phases")
+
+
+def main(args) -> int:
+  from pgbatch import config
+  from pgbatch.io.readers import InputError
+  from pgbatch.pipeline import ResourceError, SafetyListError, run
+  if getattr(args, "verbose", False) and logging.getLogger("pgbatch").getEffectiveLevel() > logging.INFO:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pgbatch").setLevel(logging.INFO)
+  try:
+    spec = config.load(args.job, args.overrides)
+  except config.JobSpecError as e:
+    print(str(e), file=sys.stderr)
+    return 2
+  from pgbatch.redact import install_log_filter
+  install_log_filter(spec.secrets())
+  from pgbatch.checkpoints import CheckpointError
+  from pgbatch.errors import OutputError, report
+  from pgbatch.tokenizer import TokenizerError
+  try:
+    summary = run(spec, progress=not args.no_progress)
+  except InputError as e:
+    report(f"pgbatch run: {spec.name}: no input to process", e)
+    return 2
+  except (CheckpointError, TokenizerError, FileNotFoundError) as e:
+    report(f"pgbatch run: {spec.name}: cannot load the model", e)
+    return 2
+  except (ResourceError, SafetyListError, OutputError) as e:
+    report(f"pgbatch run: {spec.name}", e)
+    return 2
+  print(summary.line())
+  if summary.reasons:
+    print("  " + summary.reasons_line())
+  if not summary.success:
+    print(f"pgbatch run: {spec.name}: {summary.failure}; {len(summary.shards_failed)} shard(s) not written "
+          "(rerun the same command to resume: committed shards are skipped)", file=sys.stderr)
+    return 1
+  return 0
