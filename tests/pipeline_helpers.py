@@ -52,6 +52,19 @@ def local_ray(num_cpus: int = 2):
     ray.shutdown()
 
 
+def token_auth() -> None:
+  """Ray's token authentication for clusters this process connects to (`ray start` heads, test clusters) and
+  for its Job Submission client: a token in ~/.ray/auth_token (generated once, as `ray get-auth-token
+  --generate` does) and RAY_AUTH_MODE=token, which a local `ray.init()` sets by itself."""
+  from ray._private.authentication import authentication_token_setup as auth
+  from ray._raylet import AuthenticationTokenLoader, Config
+  if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+    auth.generate_and_save_token()
+    AuthenticationTokenLoader.instance().reset_cache()
+  os.environ["RAY_AUTH_MODE"] = "token"
+  Config.initialize("")  # this process's cached Ray config re-reads the mode
+
+
 def subprocess_env() -> dict:
   env = dict(os.environ)
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), RAY_ADDRESS="")

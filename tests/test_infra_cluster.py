@@ -19,7 +19,7 @@ from tests import pipeline_helpers as H
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-  os.environ["RAY_AUTH_MODE"] = "disabled"
+  H.token_auth()
   # The nodes' workers inherit this: the gpu run reuses what the tpu run compiled.
   os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "pgbatch-jax-cache")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from pgbatch import cli, submit
+from tests import pipeline_helpers as H
 
 
 @pytest.fixture
@@ -187,7 +188,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _env(**extra) -> dict:
-  env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", **extra)
+  env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **extra)
   env.pop("RAY_ADDRESS", None)
   return env
 
@@ -198,6 +199,7 @@ def ray_head(tmp_path_factory):
 
   Its workers share a JAX compilation cache with tests/test_infra_cluster.py (same tiny job shapes)."""
   jax_cache = tmp_path_factory.getbasetemp() / "pgbatch-jax-cache"
+  H.token_auth()  # before the head starts: it and this process's client use Ray's token auth
   gcs, dashboard, client, agent, metrics, runtime_env = _free_ports(6)
   temp = tempfile.mkdtemp(prefix="pgbrh", dir="/tmp")  # short: Ray's socket paths live under it
   ray_cli = Path(sys.executable).with_name("ray")
@@ -210,18 +212,20 @@ def ray_head(tmp_path_factory):
   env = _env(JAX_COMPILATION_CACHE_DIR=str(jax_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
   address = f"http://127.0.0.1:{dashboard}"
-  os.environ["RAY_AUTH_MODE"] = "disabled"  # for the Job Submission client in this process
+  from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+  probe = urllib.request.Request(f"{address}/api/jobs/", headers=get_auth_headers_if_auth_enabled({}))
+  assert probe.headers, "token auth is on: the probe carries the token, as the Job Submission client does"
   try:
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180
     while True:
       assert proc.poll() is None, f"ray start exited: {open(os.path.join(temp, 'head.log')).read()[-3000:]}"
       try:
-        with urllib.request.urlopen(f"{address}/api/jobs/", timeout=2) as r:
+        with urllib.request.urlopen(probe, timeout=2) as r:
           if r.status == 200:
             break
       except OSError:
         pass
-      assert time.monotonic() < deadline, "the Ray head's Job Submission API did not come up in 90 s"
+      assert time.monotonic() < deadline, "the Ray head's Job Submission API did not come up in 180 s"
       time.sleep(0.5)
     yield address
   finally:
