@@ -38,6 +38,12 @@ def recording_server():
   class Handler(http.server.BaseHTTPRequestHandler):
     def _answer(self, body: bool):
       requests.append(self.path)
+      if "redirect" in self.path:  # an allowed server sending us elsewhere
+        self.send_response(302)
+        self.send_header("Location", "/internal/metadata")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return
       self.send_response(200)
       self.send_header("Content-Type", "image/png")
       self.send_header("Content-Length", str(len(IMG)))
@@ -132,6 +138,7 @@ def hostile_parquet(folder, base_url: str, outside) -> None:
       "http_allowed": f"{base_url}/allowed/a.png",
       "http_climb": f"{base_url}/allowed/../other/b.png",
       "http_sibling": f"{base_url}/allowedx/c.png",
+      "http_redirect": f"{base_url}/allowed/redirect.png",
       "memory": "memory://x/a.png",
       "chained": f"simplecache::file://{outside}",
       "encoded": "imgs/%2e%2e/%2e%2e/x.png",
@@ -145,11 +152,14 @@ def hostile_parquet(folder, base_url: str, outside) -> None:
 
 def check_rows(rows: list[dict], allowed_http: bool) -> None:
   by_key = {r["key"]: r for r in rows}
-  assert len(rows) == 12
+  assert len(rows) == 13
   ok = {"ok"} | ({"http_allowed"} if allowed_http else set())
   for key, r in by_key.items():
     if key in ok:
       assert r["status"] == "ok" and r["image_bytes"] == IMG, (key, r)
+      continue
+    if key == "http_redirect" and allowed_http:  # fetched, but the redirect is not followed: no image
+      assert r["status"] == "ok" and r["image_bytes"] == b"", r
       continue
     err = json.loads(r["error"])
     assert (r["status"], err["stage"], err["type"]) == ("error", "read", "ForbiddenSource"), (key, r)
@@ -172,13 +182,14 @@ def test_hostile_parquet_reads_nothing_outside_the_input(tmp_path, name):
     # allowed_sources lets exactly that prefix through (and still nothing climbs out of it)
     roots = allowed_roots(str(tmp_path / "in" / "*.parquet"), [f"{base_url}/allowed/"])
     check_rows(read_shard(Shard(uri, (uri,)), "parquet", allowed_roots=roots), allowed_http=True)
-    assert requests and all(p == "/allowed/a.png" for p in requests), requests
+    assert requests and set(requests) == {"/allowed/a.png", "/allowed/redirect.png"}, requests
 
 
 def test_storage_options_go_only_to_the_inputs_own_protocol():
   opts = {"token": "x"}
   assert sources.storage_options_for("gs://o/a.png", "gs://b/d/p.parquet", opts) == opts
-  assert sources.storage_options_for("https://cdn/a.png", "gs://b/d/p.parquet", opts) is None
+  assert sources.storage_options_for("https://cdn/a.png", "gs://b/d/p.parquet", opts) == {"allow_redirects": False}
+  assert sources.storage_options_for("/d/a.png", "gs://b/d/p.parquet", opts) is None
 
 
 def test_spec_allowed_sources_are_prefixes(tmp_path):

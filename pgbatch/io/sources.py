@@ -11,7 +11,8 @@ allowed root. Data never decides what the process reads or fetches.
 - A prefix matches whole path segments (`gs://b/img` allows `gs://b/img/x.png`, not `gs://b/imgs/x.png`);
   protocols must match (`gcs` = `gs`, `file://` = a local path); local paths are compared after resolving
   symlinks (an allowed folder cannot link out of itself). Chained URLs (`simplecache::…`), `data:` URLs,
-  backslashes, NULs and percent-encoded dots or slashes in a path are refused outright.
+  backslashes, NULs and percent-encoded dots or slashes in a path are refused outright. HTTP redirects are not
+  followed (a redirect reads as an empty image).
 Nothing here opens a file or makes a request; local paths are only `lstat`ed to resolve symlinks.
 """
 from __future__ import annotations
@@ -140,10 +141,13 @@ def confine(path: str, shard_uri: str, roots: Sequence[str]) -> str:
 
 
 def storage_options_for(source: str, input_uri: str, storage_options: dict | None) -> dict | None:
-  """The input's storage options (credentials) go only to sources of the input's own protocol."""
+  """Options to open an allowed `source` with: the input's storage options (credentials) only for sources of
+  the input's own protocol, and for http(s) no redirects (an allowed server must not send us elsewhere)."""
   try:
-    same = _split(source)[0] == _split(input_uri)[0]
+    proto, same = _split(source)[0], _split(source)[0] == _split(input_uri)[0]
   except ForbiddenSource:
-    same = False
-  return storage_options if same else None
-
+    proto, same = "", False
+  opts = dict(storage_options or {}) if same else {}
+  if proto in ("http", "https"):
+    opts["allow_redirects"] = False
+  return opts or None
