@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 REDACTED = "<redacted>"
 SECRET_NAME = re.compile(r"(^|[_\-.])(token|key|secret|password|passwd|pwd|credentials?|auth|signature|sig|"
-                         r"private_key|api_key|access_key|secret_key|session_token)$", re.I)
+                         r"private_key|api_key|access_key|secret_key|session_token|authorization|cookie|connection_string)$", re.I)
 SECRET_TEXT = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----|\"private_key\"\s*:|\"type\"\s*:\s*\"service_account\"")
 MIN_SECRET_CHARS = 4  # shorter values are not hunted for in log lines (they would redact ordinary words)
 

@@ -130,7 +130,8 @@ def test_validate_show_redacts_credentials(tmp_path, capsys):
   key_json = '{"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----\\nMIIE\\n"}'
   tree = dict(BASE, input=dict(BASE["input"], storage_options={"token": "${SECRET}", "project": "p1"}),
               output={"uri": "https://user:pw-1234@h.example/o/?X-Goog-Signature=abcdef&x=1",
-                      "storage_options": {"key": "AKIA123", "secret": "s3cr3t-v", "extra": key_json}})
+                      "storage_options": {"key": "AKIA123", "secret": "s3cr3t-v", "extra": key_json,
+                                          "headers": {"Authorization": "Bearer tok-999"}}})
   (tmp_path / "job.yaml").write_text(json.dumps(tree))
   os.environ["SECRET"] = "ya29.oauth-token-value"
   try:
@@ -138,7 +139,8 @@ def test_validate_show_redacts_credentials(tmp_path, capsys):
   finally:
     del os.environ["SECRET"]
   out = capsys.readouterr().out
-  for secret in ("ya29.oauth-token-value", "pw-1234", "abcdef", "AKIA123", "s3cr3t-v", "MIIE", "private_key"):
+  for secret in ("ya29.oauth-token-value", "pw-1234", "abcdef", "AKIA123", "s3cr3t-v", "MIIE", "private_key",
+                 "tok-999"):
     assert secret not in out, (secret, out)
   assert "project: p1" in out and "X-Goog-Signature=<redacted>&x=1" in out and "user:<redacted>@h.example" in out
 
