@@ -26,7 +26,6 @@ from typing import Any, Iterable, Literal, Mapping, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pgbatch import placement
 from pgbatch.fsutil import is_local_path
 from pgbatch.safety.policy import SafetyPolicy
 
@@ -429,7 +428,6 @@ def from_dict(tree: Any, overrides: Iterable[str] = (), environ: Optional[Mappin
     spec.post_filter()
   except ValueError as e:
     raise JobSpecError(source, [("safety", str(e))]) from None
-  placement.accelerator(spec.resources)
   return spec
 
 

@@ -26,6 +26,7 @@ Every CPU stage gets `JAX_PLATFORMS=cpu` so no other process grabs the accelerat
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -35,10 +36,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ACCELERATORS = ("cpu", "gpu", "tpu")
-DEFAULTS = dict(accelerator="cpu", actors=1, chips_per_actor=1, num_cpus=1.0, memory_fraction=0.75,
-                concurrent_batches=None,
-                topology=None, init_retries=3, init_backoff_s=2.0, no_progress_timeout_s=3600.0,
-                wait_for_actors_s=1800.0)
 V5E_CHIPS_PER_HOST = 8
 # bf16 weights must fit in this share of one device's memory; the rest is KV cache and activations.
 WEIGHT_MEMORY_SHARE = 0.5
@@ -58,11 +55,18 @@ XLA_EXCEPTION_TYPES = ("XlaRuntimeError", "JaxRuntimeError")
 
 
 def field(resources: Any, name: str) -> Any:
-  """A field of `resources` (pydantic model, dataclass, dict or None), else its default."""
-  if resources is None:
-    return DEFAULTS[name]
-  value = resources.get(name) if isinstance(resources, Mapping) else getattr(resources, name, None)
-  return DEFAULTS[name] if value is None else value
+  """A field of `resources` (the job's `config.ResourcesSpec`, or any dict or object with some of its fields, or
+  None); missing or None fields take `ResourcesSpec`'s default, the one place defaults are written."""
+  value = None
+  if resources is not None:
+    value = resources.get(name) if isinstance(resources, Mapping) else getattr(resources, name, None)
+  return getattr(_default_resources(), name) if value is None else value
+
+
+@functools.cache
+def _default_resources():
+  from pgbatch.config import ResourcesSpec  # pylint: disable=g-import-not-at-top  (keeps placement light in Ray workers)
+  return ResourcesSpec()
 
 
 def accelerator(resources: Any) -> str:
