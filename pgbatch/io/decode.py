@@ -12,8 +12,9 @@
 - Decompression bombs: the pixel count from the header is checked against `max_pixels` (the one pixel limit
   messages name: decode.max_pixels) before any pixel is decoded; then the decoded size (width x height x bytes
   per pixel of the mode, after JPEG draft/DCT reduction) against `max_decoded_bytes` (decode.max_decoded_bytes):
-  a 320 KB PNG can hold a 13000 x 13000 16-bit image (338 MB decoded, more while converting). Only the formats in FORMATS are opened (sniffed from the bytes; EPS, which would run Ghostscript on
-  untrusted input, is not among them).
+  a 330 KB PNG can hold a 13000 x 13000 16-bit image (338 MB decoded, ~4x that while converting). Only the
+  formats in FORMATS are opened (sniffed from the bytes; EPS, which would run Ghostscript on untrusted input, is
+  not among them).
 Failures raise DecodeError(type_, message); decode_batch turns them into error rows (stage "decode").
 """
 from __future__ import annotations
@@ -98,7 +99,8 @@ def _orientation(im: Image.Image) -> int:
 
 def _gray_to_u8(a: np.ndarray, mode: str) -> np.ndarray:
   """Single-channel integer/float array -> uint8, see the module doc for the scaling rules. Works in uint32 or
-  float32 steps (in place), so a big 16-bit image costs ~3x its own size, not the 20x of float64 temporaries."""
+  float32 steps (in place): a 13000 x 13000 16-bit PNG peaks at ~1.4 GiB (PIL's pixels, this array, one
+  uint32 copy), where float64 temporaries took 4 GiB."""
   if mode.startswith("I;16") or (a.dtype.kind in "iu" and a.size and a.min() >= 0 and a.max() <= 65535):
     if not mode.startswith("I;16") and a.max() <= 255:
       return a.astype(np.uint8)
