@@ -3,7 +3,7 @@ time, so host memory holds about one tensor. Params become a nested dict in big_
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,17 @@ from pgbatch.model.replica import PaliGemma
 def unflatten(flat: dict[str, Any]) -> dict:
   """{'a/b/c': x} -> {'a': {'b': {'c': x}}} (params are plain nested dicts, as in big_vision)."""
   return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def replica_mesh(accelerator: str, variant: Optional[str]):
+  """The mesh of one model replica over this process's devices: None on CPU or with one device, else the
+  ("data", "model") shape `placement.mesh_shape` picks for `variant` (tensor parallel only as far as needed)."""
+  devices = jax.devices()
+  if accelerator == "cpu" or len(devices) < 2:
+    return None
+  from pgbatch import placement  # pylint: disable=g-import-not-at-top  (the sizing policy; imports no JAX)
+  data, model = placement.mesh_shape(len(devices), variant, accelerator_kind=accelerator)
+  return sharding.make_mesh(data, model)
 
 
 def _put(name: str, array, dtype, mesh):
