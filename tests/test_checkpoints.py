@@ -672,7 +672,7 @@ def test_convert_between_urls_sharded(ckdir, gcs_ckpts, tmp_path, params):
 
 
 def test_convert_reports_errors(tmp_path, capsys):
-  assert main(["convert", str(tmp_path / "missing.npz"), str(tmp_path / "out")]) == 1
+  assert main(["convert", str(tmp_path / "missing.npz"), str(tmp_path / "out")]) == 2
   assert f"pgbatch convert: checkpoint not found: {tmp_path}/missing.npz" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
 

@@ -30,7 +30,7 @@ def main(args) -> int:
       write_hf_stream(ck.tensors(), shapes, ck.config, args.dst, args.max_shard_bytes)
   except CheckpointError as e:
     print(f"pgbatch convert: {e}", file=sys.stderr)
-    return 1
+    return 2  # a bad input checkpoint (pgbatch.errors)
   print(f"converted {args.src} ({ck.info.format}, {ck.config.name}, {len(shapes)} tensors, {nbytes / 1e9:.2f} GB) "
         f"→ {args.dst} in {time.perf_counter() - t0:.1f}s")
   return 0
