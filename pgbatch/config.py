@@ -55,7 +55,8 @@ class InputSpec(_Strict):
   format: Literal["webdataset", "parquet", "images"] = "webdataset"
   image_column: str = Field("image", min_length=1, description="parquet: column with the image bytes")
   key_column: Optional[str] = Field("key", description="parquet: column with the sample key (row index if absent)")
-  files_per_shard: int = Field(1000, ge=1, le=1_000_000, description="images: files per shard (output file)")
+  files_per_shard: int = Field(1000, ge=1, le=1_000_000, description="images: files per shard (output file); "
+                               "default 64 when resources.accelerator is cpu, else 1000")
   storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. {project: x}")
   allowed_sources: list[str] = Field(
       default_factory=list, description="URI prefixes that image paths inside the data may point to, besides the "
@@ -80,12 +81,23 @@ class OutputSpec(_Strict):
   uri: str = Field(min_length=1, description="folder: gs://b/annotations/nightly/ or a local path")
   storage_options: dict[str, Any] = Field(default_factory=dict)
 
+  @field_validator("uri")
+  @classmethod
+  def _a_folder(cls, v: str) -> str:
+    stem = v.rstrip("/")
+    if stem.lower().endswith((".parquet", ".pq", ".json", ".csv")):
+      folder = stem.rsplit(".", 1)[0] + "/"
+      raise ValueError(f"{v!r} names a file; output.uri is a folder or prefix that gets one Parquet file per input "
+                       f"shard and a _manifest/ (e.g. {folder!r})")
+    return v
+
 
 class ModelSpec(_Strict):
   checkpoint: str = Field(min_length=1, description="big_vision .npz (or split parts) or HF safetensors folder")
   tokenizer: str = Field(min_length=1, description="PaliGemma sentencepiece model")
   variant: Optional[str] = Field(None, description="architecture name (`pgbatch models`); inferred if omitted")
-  dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+  dtype: Literal["bfloat16", "float32", "float16"] = Field(
+      "bfloat16", description="default: float32 when resources.accelerator is cpu, else bfloat16")
   vae: Optional[str] = Field(None, description="VQ-VAE mask decoder (vae-oid.npz), needed by segment tasks")
 
   @field_validator("variant")
@@ -159,6 +171,22 @@ class JobSpec(_Strict):
     if not NAME_RE.match(v):
       raise ValueError(f"expected letters, digits, '_', '-' or '.', at most 100 characters, got {v!r}")
     return v
+
+  @model_validator(mode="before")
+  @classmethod
+  def _defaults_follow_accelerator(cls, data: Any) -> Any:
+    """When not given: model.dtype float32 on cpu (bfloat16 matmuls are slow and lossy there), else bfloat16;
+    input.files_per_shard 64 on cpu (a shard, the unit of commit and resume, takes minutes there, not hours),
+    else 1000."""
+    if not isinstance(data, dict):
+      return data
+    model, res, inp = data.get("model"), data.get("resources"), data.get("input")
+    acc = res.get("accelerator", "cpu") if isinstance(res, dict) else getattr(res, "accelerator", "cpu")
+    if isinstance(model, dict) and model.get("dtype") is None:
+      data = {**data, "model": {**model, "dtype": "float32" if acc == "cpu" else "bfloat16"}}
+    if isinstance(inp, dict) and inp.get("files_per_shard") is None:
+      data = {**data, "input": {**inp, "files_per_shard": 64 if acc == "cpu" else 1000}}
+    return data
 
   @field_validator("safety", mode="before")
   @classmethod
@@ -237,13 +265,39 @@ def _loc(loc: tuple) -> str:
   return out
 
 
+def _did_you_mean(loc: tuple) -> Optional[str]:
+  """The known field closest to the unknown last part of `loc` (`ouput` -> `output`), if any is close."""
+  import difflib
+  import typing
+  cls: Any = JobSpec
+  for part in loc[:-1]:
+    if isinstance(part, int) or not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+      continue
+    info = cls.model_fields.get(str(part))
+    if info is None:
+      return None
+    todo, cls = [info.annotation], None
+    while todo:  # Optional[X] / list[X] -> X
+      t = todo.pop()
+      if isinstance(t, type) and issubclass(t, BaseModel):
+        cls = t
+        break
+      todo += list(typing.get_args(t))
+  if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+    return None
+  near = difflib.get_close_matches(str(loc[-1]), list(cls.model_fields), n=1, cutoff=0.6)
+  return near[0] if near else None
+
+
 def _problems(e: ValidationError) -> list[tuple[str, str]]:
   out = []
   for err in e.errors(include_url=False):
     path, msg = _loc(err["loc"]), err["msg"]
     msg = re.sub(r"^(Value|Assertion) error, ", "", msg)
     if err["type"] == "extra_forbidden":
-      msg = "unknown field (check the spelling; see `pgbatch validate --help` for the spec shape)"
+      near = _did_you_mean(err["loc"])
+      msg = (f"unknown field; did you mean {near!r}?" if near else
+             "unknown field (check the spelling; see `pgbatch validate --help` for the spec shape)")
     elif err["type"] == "missing":
       msg = "required field is missing"
     elif "input" in err and err["type"] not in ("value_error", "assertion_error") and not isinstance(
@@ -361,6 +415,22 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, Any]]:
   return out
 
 
+def env_variables(environ: Mapping[str, str]) -> dict[str, str]:
+  """field path -> the `PGBATCH__…` variable that sets it (as `env_overrides` reads them)."""
+  return {".".join(p.lower() for p in k[len(ENV_PREFIX):].split("__")): k for k in sorted(environ)
+          if k.upper().startswith(ENV_PREFIX) and len(k) > len(ENV_PREFIX)}
+
+
+def name_variables(problems: list[tuple[str, str]], variables: Mapping[str, str]) -> list[tuple[str, str]]:
+  """Adds `(set by environment variable PGBATCH__X__Y)` to problems at or under a field an env var set."""
+  out = []
+  for path, msg in problems:
+    var = next((v for p, v in variables.items() if path == p or path.startswith(p + ".") or path.startswith(p + "[")),
+               None)
+    out.append((path, f"{msg} (set by environment variable {var})" if var else msg))
+  return out
+
+
 def _resolve(value: Optional[str], base: Optional[Path]) -> Optional[str]:
   if value is None or base is None or not is_local_path(value):
     return value
@@ -401,8 +471,9 @@ def merged_tree(tree: dict, overrides: Iterable[str] = (), environ: Optional[Map
   import copy
   environ = os.environ if environ is None else environ
   tree = copy.deepcopy(tree)
+  variables = env_variables(environ)
   for path, value in env_overrides(environ):
-    set_path(tree, path, value, where="environment")
+    set_path(tree, path, value, where=f"environment variable {variables[path]}")
   for text in overrides:
     set_path(tree, *parse_override(text))
   return tree
@@ -423,7 +494,7 @@ def from_dict(tree: Any, overrides: Iterable[str] = (), environ: Optional[Mappin
   try:
     spec = JobSpec.model_validate(tree)
   except ValidationError as e:
-    raise JobSpecError(source, _problems(e)) from None
+    raise JobSpecError(source, name_variables(_problems(e), env_variables(environ))) from None
   try:
     spec.post_filter()
   except ValueError as e:

@@ -1,18 +1,22 @@
-"""`pgbatch demo [--workdir DIR]`: the whole pipeline on this machine, offline, in about a minute.
+"""`pgbatch demo [--workdir DIR] [--fresh]`: the whole pipeline on this machine, offline, in about a minute.
 
 Writes into DIR (default ./pgbatch-demo):
-  model/tiny-pg2-RANDOM-WEIGHTS.npz   a tiny PaliGemma 2 with RANDOM weights (its outputs are meaningless:
-                                      the demo shows the machinery, not the model)
-  model/test_tokenizer.model          a small real SentencePiece model with PaliGemma's token layout
-  shards/demo-0000N.tar               WebDataset shards of the sample photographs that ship inside the
-                                      scikit-image wheel (astronaut, cat, coffee, rocket, a printed page …)
-                                      plus one deliberately broken JPEG (key "broken")
+  model/demo-pg2-DEMO-WEIGHTS.npz     a tiny PaliGemma 2 DEMO model that ships inside pgbatch: taught (by
+                                      tools/train_demo_model.py) only the sixteen demo photographs, its answers
+                                      are memorised, not seen: it shows the machinery, it cannot annotate real data
+  model/demo_tokenizer.model          SentencePiece with PaliGemma's token layout, pieces learnt from the demo texts
+  model/demo-vae.npz                  the mask decoder of the segment task (hand-built, `vae-oid.npz` layout)
+  shards/demo-0000N.tar               WebDataset shards of the demo photographs (scikit-image's sample data,
+                                      BSD-3-Clause, shipped in pgbatch/demo_data/photos) plus one deliberately
+                                      broken JPEG (key "broken")
   job.yaml                            the job spec (`pgbatch validate DIR/job.yaml`, `pgbatch run DIR/job.yaml`)
-  output/                             the typed Parquet files and their _manifest (recreated on every run)
+  output/                             the typed Parquet files and their _manifest; a rerun resumes it (committed
+                                      shards are skipped), `--fresh` deletes it first
 then runs the job on a local Ray and prints a summary and the Parquet paths.
 """
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -23,58 +27,33 @@ from pathlib import Path
 from typing import Sequence
 
 DEFAULT_WORKDIR = "pgbatch-demo"
+DATA = Path(__file__).resolve().parent / "demo_data"
 VARIANT = "tiny-pg2"
-CHECKPOINT_NAME = f"{VARIANT}-RANDOM-WEIGHTS.npz"
-TOKENIZER_NAME = "test_tokenizer.model"
+CHECKPOINT_NAME = "demo-pg2-DEMO-WEIGHTS.npz"
+TOKENIZER_NAME = "demo_tokenizer.model"
+VAE_NAME = "demo-vae.npz"
+TEST_TOKENIZER_NAME = "test_tokenizer.model"
 BROKEN_KEY = "broken"
-
-# (file in skimage/data, key, description): real photographs and scans shipped with scikit-image.
-PHOTOS = (
-    ("astronaut.png", "astronaut", "Eileen Collins, NASA astronaut portrait"),
-    ("chelsea.png", "chelsea", "Chelsea the cat"),
-    ("coffee.png", "coffee", "a cup of coffee on a saucer"),
-    ("rocket.jpg", "rocket", "a rocket on its launch pad"),
-    ("motorcycle_left.png", "motorcycle", "a motorcycle (left view of a stereo pair)"),
-    ("camera.png", "camera", "a man with a camera, grayscale"),
-    ("page.png", "page", "a scanned page of text"),
-    ("text.png", "text", "text on a street sign, grayscale"),
-    ("coins.png", "coins", "Greek coins"),
-    ("hubble_deep_field.jpg", "hubble", "Hubble eXtreme Deep Field"),
-    ("retina.jpg", "retina", "a human retina"),
-    ("ihc.png", "ihc", "immunohistochemistry stain"),
-    ("moon.png", "moon", "surface of the moon"),
-    ("clock_motion.png", "clock", "a clock with motion blur"),
-    ("logo.png", "logo", "the scikit-image logo (RGBA)"),
-    ("color.png", "color", "a colour chart"),
-    ("brick.png", "brick", "brick wall texture"),
-    ("grass.png", "grass", "grass texture"),
-    ("gravel.png", "gravel", "gravel texture"),
-    ("cell.png", "cell", "a cell under a microscope"),
-    ("no_time_for_that_tiny.gif", "animated", "an animated GIF"),
-)
+MODEL_NOTE = (f"model: {CHECKPOINT_NAME}, a DEMO model that has memorised these {{n}} photographs and knows "
+              "nothing else; point model.checkpoint/tokenizer/vae at a real PaliGemma for real annotations")
 
 
-def skimage_data_dir() -> Path:
-  import importlib.util
-  spec = importlib.util.find_spec("skimage.data")
-  if spec is None or not spec.submodule_search_locations:
-    raise RuntimeError("scikit-image is not installed (pip install scikit-image)")
-  return Path(list(spec.submodule_search_locations)[0])
+def annotations() -> dict:
+  """What the demo model was taught (`pgbatch/demo_data/annotations.json`): per photograph its file, source,
+  captions (en, de), OCR text and objects ({label, box [ymin, xmin, ymax, xmax] fractions})."""
+  return json.loads((DATA / "annotations.json").read_text())
 
 
 def samples() -> list[tuple[str, bytes, str, dict]]:
-  """(key, image bytes as shipped, extension, metadata) for the sample photographs, plus one broken JPEG
+  """(key, image bytes as shipped, extension, metadata) for the demo photographs, plus one broken JPEG
   (key "broken": the first 2 KiB of a JPEG, which no decoder can finish)."""
-  d = skimage_data_dir()
   out = []
-  for name, key, desc in PHOTOS:
-    path = d / name
-    if path.exists():
-      ext = path.suffix.lstrip(".").lower()
-      out.append((key, path.read_bytes(), ext, {"description": desc, "source": f"scikit-image: skimage/data/{name}"}))
-  if not out:
-    raise RuntimeError(f"no sample images found in {d}")
-  jpeg = next((b for _, b, e, _ in out if e == "jpg"), None) or _jpeg(out[0][1])
+  for p in annotations()["photos"]:
+    path = DATA / "photos" / p["file"]
+    ext = path.suffix.lstrip(".").lower()
+    out.append((p["key"], path.read_bytes(), ext,
+                {"description": p["description"], "source": f"scikit-image sample data: {p['source']}"}))
+  jpeg = next(b for _, b, e, _ in out if e == "jpg")
   out.append((BROKEN_KEY, jpeg[:2048], "jpg", {"description": "deliberately truncated JPEG", "source": "demo"}))
   return out
 
@@ -116,29 +95,53 @@ def write_shards(directory, rows: Sequence[tuple], shards: int = 3, prefix: str 
 
 
 def job_dict(root: Path) -> dict:
+  """The demo job: every task kind the demo model was taught, named as in the README's queries."""
+  ann, model = annotations(), root / "model"
   return {
       "name": "demo",
       "input": {"uri": str(root / "shards" / "*.tar"), "format": "webdataset"},
       "output": {"uri": str(root / "output") + "/"},
-      "model": {"checkpoint": str(root / "model" / CHECKPOINT_NAME), "tokenizer": str(root / "model" / TOKENIZER_NAME),
-                "variant": VARIANT, "dtype": "float32"},
+      "model": {"checkpoint": str(model / CHECKPOINT_NAME), "tokenizer": str(model / TOKENIZER_NAME),
+                "vae": str(model / VAE_NAME), "variant": VARIANT, "dtype": "float32"},
       "tasks": [
-          {"name": "caption_en", "kind": "caption", "lang": "en", "max_new_tokens": 24},
-          {"name": "ocr", "kind": "ocr", "max_new_tokens": 24},
-          {"name": "objects", "kind": "detect", "classes": ["person", "cat", "cup"], "max_new_tokens": 24},
+          {"name": "caption_en", "kind": "caption", "lang": "en", "max_new_tokens": 32},
+          {"name": "caption_de", "kind": "caption", "lang": "de", "max_new_tokens": 32},
+          {"name": "ocr", "kind": "ocr", "max_new_tokens": 40},
+          {"name": "detections", "kind": "detect", "classes": ann["detect_classes"], "max_new_tokens": 24},
+          {"name": "segments", "kind": "segment", "classes": ann["segment_classes"], "max_new_tokens": 32},
       ],
       "resources": {"accelerator": "cpu", "actors": 1, "batch_size": 8},
   }
 
 
+def write_demo_model(directory, log=None) -> tuple[Path, Path, Path]:
+  """The shipped DEMO checkpoint, tokenizer and VQ-VAE, copied into `directory` (each written to a temporary
+  name, then renamed, so an interrupted copy is never reused). Returns their paths."""
+  d = Path(directory)
+  d.mkdir(parents=True, exist_ok=True)
+  out = []
+  for name, read in ((CHECKPOINT_NAME, lambda: (DATA / CHECKPOINT_NAME).read_bytes()),
+                     (TOKENIZER_NAME, lambda: gzip.decompress((DATA / "tokenizer.model.gz").read_bytes())),
+                     (VAE_NAME, lambda: (DATA / "vae.npz").read_bytes())):
+    path, data = d / name, read()
+    if not path.exists() or path.stat().st_size != len(data) or path.read_bytes() != data:
+      tmp = path.with_name(path.name + ".tmp")
+      tmp.write_bytes(data)
+      os.replace(tmp, path)
+      if log:
+        log(f"wrote {path}")
+    out.append(path)
+  return tuple(out)
+
+
 def write_model(directory, variant: str = VARIANT, log=None) -> tuple[Path, Path]:
-  """A random-weight `variant` checkpoint (`<variant>-RANDOM-WEIGHTS.npz`) and the test tokenizer in `directory`,
-  each written once (to a temporary name, then renamed, so an interrupted write is never reused)."""
+  """A random-weight `variant` checkpoint (`<variant>-RANDOM-WEIGHTS.npz`) and the test tokenizer in `directory`
+  (benchmarks and tests), each written once (to a temporary name, then renamed)."""
   from pgbatch import checkpoints, tokenizer
   from pgbatch.model import random_params
   d = Path(directory)
   d.mkdir(parents=True, exist_ok=True)
-  ckpt, tok = d / f"{variant}-RANDOM-WEIGHTS.npz", d / TOKENIZER_NAME
+  ckpt, tok = d / f"{variant}-RANDOM-WEIGHTS.npz", d / TEST_TOKENIZER_NAME
   if not ckpt.exists():
     if log:
       log(f"writing a tiny {variant} checkpoint with RANDOM weights → {ckpt}")
@@ -155,23 +158,36 @@ def write_model(directory, variant: str = VARIANT, log=None) -> tuple[Path, Path
 
 
 def prepare(workdir, shards: int = 3, log=print) -> Path:
-  """Writes checkpoint (once), tokenizer (once), shards and job.yaml into `workdir`; returns the job path."""
+  """Writes the demo model, shards and job.yaml into `workdir` (same bytes every time); returns the job path."""
   import yaml
   root = Path(workdir).resolve()
-  write_model(root / "model", VARIANT, log)
+  write_demo_model(root / "model", log)
   rows = samples()
   shutil.rmtree(root / "shards", ignore_errors=True)
   write_shards(root / "shards", rows, shards=shards)
-  log(f"wrote {len(rows)} images ({len(rows) - 1} sample photographs from scikit-image + 1 broken JPEG) "
+  log(f"wrote {len(rows)} images ({len(rows) - 1} demo photographs + 1 broken JPEG) "
       f"in {shards} WebDataset shards → {root / 'shards'}")
   job = root / "job.yaml"
-  header = ("# pgbatch demo job (written by `pgbatch demo`). The checkpoint has RANDOM weights: outputs are\n"
-            "# meaningless; point model.checkpoint/tokenizer at a real PaliGemma to get real annotations.\n")
+  header = ("# pgbatch demo job (written by `pgbatch demo`). The checkpoint is a DEMO model that memorised the demo\n"
+            "# photographs; point model.checkpoint/tokenizer/vae at a real PaliGemma to annotate real data.\n")
   job.write_text(header + yaml.safe_dump(job_dict(root), sort_keys=False))
   return job
 
 
-def run_demo(workdir=DEFAULT_WORKDIR, progress: bool = True, out=None) -> int:
+def _start(root: Path, fresh: bool, say) -> None:
+  """Says plainly whether this run resumes an earlier demo output or starts over."""
+  from pgbatch.io import sink as sink_lib
+  out = root / "output"
+  if fresh and out.exists():
+    shutil.rmtree(out)
+    say(f"--fresh: deleted the previous demo output {out}; starting over")
+  elif out.exists():
+    done = len(sink_lib.read_manifest(str(out) + "/"))
+    say(f"resuming the earlier demo output {out}: {done} shard(s) already committed are kept and skipped "
+        "(`pgbatch demo --fresh` starts over)")
+
+
+def run_demo(workdir=DEFAULT_WORKDIR, progress: bool = True, out=None, fresh: bool = False) -> int:
   """prepare → validate → run on local Ray → summary. Returns the process exit code."""
   out = out or sys.stdout
 
@@ -182,25 +198,30 @@ def run_demo(workdir=DEFAULT_WORKDIR, progress: bool = True, out=None) -> int:
   root = Path(workdir).resolve()
   job = prepare(root, log=say)
   spec = config.load(str(job), environ={})
-  shutil.rmtree(root / "output", ignore_errors=True)
+  _start(root, fresh, say)
   say(f"job spec → {job}")
   say("running on a local Ray (first run compiles the model: ~30 s) …")
   summary = pipeline.run(spec, progress=progress)
   say("")
-  say(summary.line() + f"  [model: {CHECKPOINT_NAME}: RANDOM WEIGHTS, outputs are meaningless]")
+  say(summary.line())
+  if summary.phases:
+    say("  " + summary.phases_line())
+  say("  " + MODEL_NOTE.format(n=len(samples()) - 1))
   if summary.reasons:
     say("  " + summary.reasons_line())
   for f in summary.files:
     say(f"  parquet: {f}")
   say(f"  manifest: {root / 'output' / '_manifest'}")
-  if summary.files:
-    from pgbatch import inspection
-    say("")
-    say(inspection.format_report(inspection.summarize(str(root / "output"), rows=2)))
-    say("")
-  say(f"inspect it: pgbatch inspect {root / 'output'}")
-  say(f"query it:   pip install duckdb && python -c \"import duckdb; duckdb.sql(\\\"SELECT key, status, caption_en.text "
-      f"FROM '{root / 'output'}/*.parquet'\\\").show()\"")
+  from pgbatch import inspection
+  say("")
+  say(inspection.format_report(inspection.summarize(str(root / "output"), rows=2)))
+  say("")
+  from pgbatch import report
+  html = report.write_html(str(root / "output") + "/", str(root / "report.html"))
+  say(f"report:     {html}  (open it in a browser: thumbnails with boxes, masks, captions, OCR)")
+  say(f"inspect it: pgbatch inspect {root / 'output'} [--html report.html]")
+  say(f"query it:   pip install duckdb && python -c \"import duckdb; duckdb.sql(\\\"SELECT key, status, caption_en.text, "
+      f"len(detections.objects) AS boxes FROM '{root / 'output'}/*.parquet' ORDER BY key\\\").show()\"")
   if not summary.success:
     say(f"demo FAILED: {summary.failure}")
     return 1

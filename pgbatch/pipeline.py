@@ -37,6 +37,8 @@ import numpy as np
 import pyarrow as pa
 
 from pgbatch import placement, schema
+from pgbatch.io.listing import check_output  # noqa: F401  (pipeline.check_output: refused before any work)
+from pgbatch.progress import PHASES, Progress, fmt_s as _fmt_s  # noqa: F401  (Progress: public here)
 
 log = logging.getLogger(__name__)
 SHARD_ROWS = "_shard_rows"
@@ -69,6 +71,8 @@ class Summary:
   files: list = dataclasses.field(default_factory=list)
   failure: Optional[str] = None   # why the run stopped early, if it did
   reasons: dict = dataclasses.field(default_factory=dict)  # "stage/type" -> error rows written by this run
+  annotate_rate: Optional[float] = None  # images/s of annotating (pgbatch.progress); None under two batches
+  phases: dict = dataclasses.field(default_factory=dict)   # phase name -> seconds (pgbatch.progress.PHASES)
 
   @property
   def success(self) -> bool:
@@ -83,86 +87,18 @@ class Summary:
     return "errors: " + ", ".join(f"{k} {n}" for k, n in items[:top]) + more
 
   def line(self) -> str:
+    """The run in one line; the two rates are labelled: annotating (steady state) and wall-clock (whole run)."""
     rate = self.images / self.seconds if self.seconds > 0 else 0.0
     skipped = f", {self.shards_skipped} already done" if self.shards_skipped else ""
     failed = f", {len(self.shards_failed)} FAILED" if self.shards_failed else ""
+    annotating = f"{self.annotate_rate:.2f} images/s annotating, " if self.annotate_rate is not None else ""
     return (f"pgbatch: {self.job}: {self.images} images (ok {self.ok}, error {self.error}, filtered "
             f"{self.filtered}) in {self.shards_committed}/{self.shards_total} shards{skipped}{failed}, "
-            f"{self.seconds:.1f} s, {rate:.2f} images/s → {self.output_uri}")
+            f"{self.seconds:.1f} s, {annotating}{rate:.2f} images/s wall-clock → {self.output_uri}")
 
-
-# --- progress ----------------------------------------------------------------------------------------------
-
-
-class Progress:
-  """One status line on stderr: images, images/s, shards done, ETA. On a TTY it is redrawn in place (also
-  every second from a ticker thread, so startup shows as elapsed time); on other streams a line at most every
-  `every_s` seconds."""
-
-  def __init__(self, shards: int, enabled: bool = True, stream=None, every_s: float = 30.0, tick_s: float = 1.0,
-               started: Optional[float] = None):
-    self.stream = stream or sys.stderr
-    self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-    self.enabled, self.every_s = enabled, every_s
-    self.shards, self.done_shards, self.images, self.done_images = shards, 0, 0, 0
-    self.start = self.last = started or time.monotonic()   # time.monotonic() of the run's start
-    self.first_at: Optional[float] = None
-    self._lock = threading.Lock()
-    self._closed = threading.Event()
-    if enabled and self.tty and tick_s > 0:
-      threading.Thread(target=self._tick, args=(tick_s,), name="pgbatch-progress", daemon=True).start()
-
-  def _tick(self, tick_s: float) -> None:
-    while not self._closed.wait(tick_s):
-      self._draw(time.monotonic())
-
-  def update(self, images: int = 0, shards: int = 0, done_images: int = 0) -> None:
-    now = time.monotonic()
-    with self._lock:
-      if images and self.first_at is None:
-        self.first_at = now
-      self.images += images
-      self.done_shards += shards
-      self.done_images += done_images
-    if not self.enabled or (not self.tty and now - self.last < self.every_s):
-      return
-    self._draw(now)
-
-  def _draw(self, now: float) -> None:
-    with self._lock:
-      if self._closed.is_set():
-        return
-      self.last = now
-      self.stream.write(("\r" if self.tty else "") + self.text(now) + ("\x1b[K" if self.tty else "\n"))
-      self.stream.flush()
-
-  def text(self, now: float | None = None) -> str:
-    now = now or time.monotonic()
-    elapsed = max(now - self.start, 1e-9)
-    if self.first_at is None:
-      return f"[{'-' * 24}] 0/{self.shards} shards  starting workers, loading the model …  elapsed {_fmt_s(elapsed)}"
-    # the rate counts from the first result, so startup (Ray, model load, compile) does not dilute it
-    rate = self.images / max(now - self.first_at, 1.0)
-    frac = self.done_shards / self.shards if self.shards else 1.0
-    bar = "#" * int(frac * 24) + "-" * (24 - int(frac * 24))
-    eta = "?"
-    if self.done_shards and self.done_images and rate > 0:
-      left = max(self.done_images / self.done_shards * self.shards - self.images, 0)
-      eta = _fmt_s(left / rate)
-    return (f"[{bar}] {self.done_shards}/{self.shards} shards  {self.images} images  {rate:.2f} img/s  "
-            f"ETA {eta}  elapsed {_fmt_s(elapsed)}")
-
-  def close(self) -> None:
-    if self.enabled and self.tty and not self._closed.is_set():
-      self._draw(time.monotonic())
-      self.stream.write("\n")
-      self.stream.flush()
-    self._closed.set()
-
-
-def _fmt_s(s: float) -> str:
-  s = int(round(s))
-  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+  def phases_line(self) -> str:
+    """`phases: listing input 0:00, starting Ray 0:04, …` or "" when nothing ran."""
+    return ("phases: " + ", ".join(f"{k} {_fmt_s(v)}" for k, v in self.phases.items())) if self.phases else ""
 
 
 # --- stage helpers (run in Ray workers; pure functions of their inputs) ------------------------------------
@@ -735,29 +671,6 @@ def build_dataset(spec, items: list[dict], info: dict, provenance: dict, inherit
   return ds
 
 
-def check_output(uri: str, storage_options: Optional[dict] = None) -> None:
-  """OutputError (naming output.uri) when `uri` is a file, lies under a file, or cannot be reached."""
-  import fsspec
-  from pgbatch import errors
-  from pgbatch.redact import redact_uri
-  shown = redact_uri(uri)
-  try:
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    probe = path.rstrip("/")
-    while probe and not fs.exists(probe):
-      parent = probe.rsplit("/", 1)[0] if "/" in probe else ""
-      if parent == probe:
-        break
-      probe = parent
-    if probe and fs.isfile(probe):
-      where = "is a file" if probe == path.rstrip("/") else f"lies under the file {probe}"
-      raise errors.OutputError(f"output.uri: {shown} {where}; expected a folder")
-  except errors.OutputError:
-    raise
-  except (OSError, ValueError) as e:
-    raise errors.OutputError(f"output.uri: cannot use {shown}: {type(e).__name__}: {errors.one_line(e)}") from None
-
-
 def run(spec, progress: bool = True, stream=None) -> Summary:
   """Runs the job; never raises for bad data. Raises `InputError` when the input matches no shards."""
   from pgbatch.io import readers, sink as sink_lib
@@ -789,24 +702,31 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
                 "started_at": started_at.isoformat(), "safety_filters": []}  # filled by SafetyPost
   log.info("%d shard(s) to do, %d already committed; model %s", len(todo), summary.shards_skipped,
            info["model_variant"])
-  inherited = ensure_ray(spec.resources.accelerator)
-  if inherited:
-    check_local_resources(spec, ray_resources())
-  log.info("ray ready after %.1f s", time.monotonic() - start)
-  import ray
-  ctx = ray.data.DataContext.get_current()
-  ctx.enable_progress_bars = False
-  ctx.print_on_execution_start = False
-  logging.getLogger("ray.data").setLevel(logging.WARNING)   # no per-run INFO chatter
-  logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours
-  items = [{"id": s.id, "uris": list(s.uris)} for s in todo]
-  ds = build_dataset(spec, items, info, provenance, inherited_env=inherited)
   bar = Progress(len(todo), enabled=progress, stream=stream, started=start)
+  bar.phase(PHASES[1])
+  try:
+    inherited = ensure_ray(spec.resources.accelerator)
+    if inherited:
+      check_local_resources(spec, ray_resources())
+    log.info("ray ready after %.1f s", time.monotonic() - start)
+    import ray
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)   # no per-run INFO chatter
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours
+    items = [{"id": s.id, "uris": list(s.uris)} for s in todo]
+    ds = build_dataset(spec, items, info, provenance, inherited_env=inherited)
+  except BaseException:
+    bar.cancel()
+    raise
+  bar.phase(PHASES[2])
   shards_buf = ShardBuffer()
   committed_ids: set[str] = set()
   try:
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
-      bar.update(images=batch.num_rows)
+      bar.update(images=batch.num_rows, shard_rows=dict(zip(batch.column("shard").to_pylist(),
+                                                            batch.column(SHARD_ROWS).to_pylist())))
       for shard_id, table in shards_buf.add(batch):
         read_at = pc_min(table.column(READ_AT))
         table = table.drop_columns(list(INTERNAL))
@@ -837,6 +757,7 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
     summary.failure = short_error(e)
   finally:
     bar.close()
+  summary.annotate_rate, summary.phases = bar.rate(), {k: v for k, v in bar.phases.items() if k in PHASES}
   summary.shards_failed = [s.id for s in todo if s.id not in committed_ids]
   if summary.shards_failed and summary.failure is None:
     reasons = "; ".join(f"{k}: {v}" for k, v in list(shards_buf.broken.items())[:3])

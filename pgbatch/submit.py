@@ -197,10 +197,29 @@ def package_dir() -> Path:
   return Path(pgbatch.__file__).resolve().parent
 
 
+def wheel_build_args(setuptools_version: str | None = "", has_wheel: bool | None = None) -> list[str]:
+  """How to build the wheel here. setuptools >= 70.1 (a pgbatch dependency) builds wheels by itself, so the
+  build runs offline in this interpreter; where it is missing or older without `wheel` (pgbatch imported from a
+  source tree into a bare venv: Python 3.11's venv has setuptools 65) pip builds in an isolated environment with
+  the backend pyproject.toml names (that needs the package index). Arguments default to this interpreter's."""
+  import importlib.util
+  if setuptools_version == "":
+    try:
+      setuptools_version = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:
+      setuptools_version = None
+  if has_wheel is None:
+    has_wheel = importlib.util.find_spec("wheel") is not None
+  if setuptools_version is None:
+    return []
+  major, minor = (int(re.match(r"\d+", x).group()) for x in (setuptools_version.split(".") + ["0"])[:2])
+  return ["--no-build-isolation"] if (major, minor) >= (70, 1) or has_wheel else []
+
+
 def build_wheel(out_dir: str | os.PathLike) -> Path:
-  """`pip wheel --no-deps` of the pgbatch source this module was imported from."""
+  """`pip wheel --no-deps` of the pgbatch source this module was imported from (see `wheel_build_args`)."""
   project = package_dir().parent
-  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *wheel_build_args(), "-q",
                   "-w", str(out_dir), str(project)], check=True)
   return next(Path(out_dir).glob("pgbatch-*.whl"))
 

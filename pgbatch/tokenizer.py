@@ -127,13 +127,14 @@ def _corpus(n: int, seed: int) -> list[str]:
   return lines
 
 
-def build_test_tokenizer_bytes(vocab_size: int = 1000, seed: int = 0) -> bytes:
+def build_test_tokenizer_bytes(vocab_size: int = 1000, seed: int = 0, sentences: Iterable[str] = ()) -> bytes:
   """Trains a tiny SentencePiece BPE model (Gemma-like: byte fallback, no dummy prefix, identity normalisation),
-  pads it with unused pieces to 256000 and appends the loc/seg pieces as USER_DEFINED (like big_vision)."""
+  pads it with unused pieces to 256000 and appends the loc/seg pieces as USER_DEFINED (like big_vision).
+  `sentences` are added to the training corpus (the demo model's tokenizer learns its captions' words)."""
   from sentencepiece import sentencepiece_model_pb2 as pb  # pylint: disable=g-import-not-at-top
   out = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_corpus(600, seed)), model_writer=out, vocab_size=vocab_size, model_type="bpe",
+      sentence_iterator=iter(_corpus(600, seed) + list(sentences)), model_writer=out, vocab_size=vocab_size, model_type="bpe",
       pad_id=PAD, eos_id=EOS, bos_id=BOS, unk_id=UNK, byte_fallback=True, add_dummy_prefix=False,
       normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
       user_defined_symbols=["\n"], hard_vocab_limit=False, num_threads=1, minloglevel=2)

@@ -135,7 +135,7 @@ def test_validate_show_redacts_credentials(tmp_path, capsys):
   (tmp_path / "job.yaml").write_text(json.dumps(tree))
   os.environ["SECRET"] = "ya29.oauth-token-value"
   try:
-    assert cli.main(["validate", str(tmp_path / "job.yaml"), "--show"]) == 0
+    assert cli.main(["validate", str(tmp_path / "job.yaml"), "--show", "--spec-only"]) == 0
   finally:
     del os.environ["SECRET"]
   out = capsys.readouterr().out
@@ -159,6 +159,21 @@ def test_load_resolves_relative_paths_against_the_job_file(tmp_path):
   assert config.load(str(d / "job.yaml"), ["output.uri=gs://x/y/"], environ={}).output.uri == "gs://x/y/"
 
 
+def test_dtype_and_files_per_shard_follow_the_accelerator_unless_set():
+  tree = json.loads(json.dumps(BASE))
+  del tree["model"]["dtype"]
+  assert config.from_dict(tree, environ={}).model.dtype == "bfloat16"                       # gpu
+  assert config.from_dict(tree, ["resources.accelerator=cpu"], environ={}).model.dtype == "float32"
+  del tree["resources"]
+  assert config.from_dict(tree, environ={}).model.dtype == "float32"                        # cpu by default
+  assert config.from_dict(tree, ["model.dtype=bfloat16"], environ={}).model.dtype == "bfloat16"  # as set
+  spec = config.from_dict(tree, environ={})
+  assert config.JobSpec.model_validate_json(spec.model_dump_json()) == spec
+  assert spec.input.files_per_shard == 64                                                    # cpu
+  assert config.from_dict(tree, ["resources.accelerator=tpu"], environ={}).input.files_per_shard == 1000
+  assert config.from_dict(tree, ["input.files_per_shard=7"], environ={}).input.files_per_shard == 7
+
+
 def test_load_file_errors(tmp_path):
   with pytest.raises(config.JobSpecError, match="file not found"):
     config.load(str(tmp_path / "missing.yaml"), environ={})
@@ -172,7 +187,7 @@ def test_load_file_errors(tmp_path):
 
 @pytest.mark.parametrize("job", JOBS, ids=[os.path.basename(j) for j in JOBS])
 def test_shipped_jobs_validate(job, capsys):
-  assert cli.main(["validate", job]) == 0
+  assert cli.main(["validate", "--spec-only", job]) == 0  # their buckets exist only in the examples
   assert ": ok" in capsys.readouterr().out
   spec = config.load(job, environ={})
   assert spec.output.uri.endswith("/") and spec.input.uri.startswith("gs://")
@@ -191,10 +206,11 @@ def test_validate_command_reports_the_field_and_fails(tmp_path, capsys):
   (tmp_path / "job.yaml").write_text(yaml.safe_dump(tree))
   assert cli.main(["validate", str(tmp_path / "job.yaml")]) == 2
   err = capsys.readouterr().err
-  assert "resources.batch_sise: unknown field" in err
+  assert "resources.batch_sise: unknown field; did you mean 'batch_size'?" in err
   del tree["resources"]["batch_sise"]
   (tmp_path / "job.yaml").write_text(yaml.safe_dump(tree))
-  assert cli.main(["validate", str(tmp_path / "job.yaml"), "--set", "resources.batch_size=32", "--show"]) == 0
+  assert cli.main(["validate", str(tmp_path / "job.yaml"), "--spec-only", "--set", "resources.batch_size=32",
+                   "--show"]) == 0
   assert "batch_size: 32" in capsys.readouterr().out
 
 
@@ -202,12 +218,12 @@ def test_validate_inputs_lists_the_shards(tmp_path, capsys):
   tree = json.loads(json.dumps(BASE))
   tree["input"]["uri"] = str(tmp_path / "shards" / "*.tar")
   (tmp_path / "job.yaml").write_text(yaml.safe_dump(tree))
-  assert cli.main(["validate", str(tmp_path / "job.yaml"), "--inputs"]) == 2
-  assert "input:" in capsys.readouterr().err
+  assert cli.main(["validate", str(tmp_path / "job.yaml"), "--inputs", "--spec-only"]) == 2  # model: examples
+  assert "input.uri:" in capsys.readouterr().err
   (tmp_path / "shards").mkdir()
   for i in range(4):
     (tmp_path / "shards" / f"s-{i}.tar").write_bytes(b"")
-  assert cli.main(["validate", str(tmp_path / "job.yaml"), "--inputs"]) == 0
+  assert cli.main(["validate", str(tmp_path / "job.yaml"), "--inputs", "--spec-only"]) == 0
   assert "4 input shard(s): " in capsys.readouterr().out
 
 

@@ -135,6 +135,21 @@ def test_runtime_env_pip_ships_wheel(tmp_path):
   assert env["pip"]["packages"][:-1] == submit.pinned_requirements()
 
 
+def test_wheel_builds_the_same_way_in_any_environment():
+  """The `pip wheel` of `--env pip`: setuptools >= 70.1 (a runtime dependency) builds wheels itself: offline, in this interpreter. A bare venv
+  (Python 3.11's ships setuptools 65 and no `wheel`: the `invalid command 'bdist_wheel'` of --no-build-isolation)
+  or none at all gets pip's isolated build instead."""
+  import tomllib
+  from packaging.requirements import Requirement
+  project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+  deps = {Requirement(d).name: Requirement(d) for d in project["dependencies"]}
+  assert deps["setuptools"].specifier.contains("70.1") and not deps["setuptools"].specifier.contains("70.0")
+  assert submit.wheel_build_args() == ["--no-build-isolation"]   # this install: setuptools from the deps
+  assert submit.wheel_build_args("84.2.1", False) == ["--no-build-isolation"]
+  assert submit.wheel_build_args("65.5.0", False) == [] and submit.wheel_build_args(None, False) == []
+  assert submit.wheel_build_args("65.5.0", True) == ["--no-build-isolation"]  # old setuptools + wheel works
+
+
 def test_entrypoint_runs_the_staged_spec():
   assert submit.entrypoint() == "JAX_PLATFORMS=cpu python -m pgbatch.cli run job.yaml"
 

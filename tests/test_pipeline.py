@@ -152,12 +152,21 @@ def test_progress_line_shows_rate_and_eta():
       return True
   out = Tty()
   p = pipeline.Progress(shards=4, stream=out, tick_s=0)
-  assert "0/4 shards  starting workers" in p.text()
-  p.update(images=10)
+  assert "0/4 shards  0 images  checking input and model … 0:00" in p.text()
+  p.phase("starting Ray")
+  p.phase("loading and compiling the model")
+  assert "loading and compiling the model … 0:00 (checking input and model 0:00, starting Ray 0:00)" in p.text()
+  p.update(images=10, shard_rows={"a": 10})
+  assert "10 images  … img/s annotating  ETA 0:" in p.text()  # ETA from the first batch: 4 shards of ~10
+  p.first_at -= 2.0  # the second batch comes two seconds after the first
+  p.update(images=10, shard_rows={"b": 10})
+  assert p.rate() is not None and 4.0 <= p.rate() <= 5.0 and p.expected_images() == 40
   p.update(shards=1, done_images=10)
   p.close()
   text = out.getvalue()
-  assert "1/4 shards" in text and "10 images" in text and "img/s" in text and "ETA 0:" in text
+  assert "1/4 shards  20 images" in text and "img/s annotating" in text and "ETA 0:" in text
+  assert list(p.phases) == ["checking input and model", "starting Ray", "loading and compiling the model",
+                            "annotating"] == list(pipeline.PHASES)
   quiet = io.StringIO()
   q = pipeline.Progress(shards=4, stream=quiet, enabled=False)
   q.update(images=3, shards=1, done_images=3)
@@ -170,7 +179,10 @@ def test_summary_line():
                        shards_committed=2, images=10, ok=8, error=1, filtered=1, seconds=5.0)
   assert s.success
   assert s.line() == ("pgbatch: j: 10 images (ok 8, error 1, filtered 1) in 2/3 shards, 1 already done, 5.0 s, "
-                      "2.00 images/s → gs://b/o/")
+                      "2.00 images/s wall-clock → gs://b/o/")
+  s.annotate_rate, s.phases = 4.5, {"starting Ray": 3.2, "annotating": 2.0}
+  assert "5.0 s, 4.50 images/s annotating, 2.00 images/s wall-clock → " in s.line()
+  assert s.phases_line() == "phases: starting Ray 0:03, annotating 0:02"
   assert s.reasons_line() == ""
   s.reasons = {"read/ReadError": 1, "decode/TruncatedImageError": 3, "decode/EmptyImageError": 1}
   assert s.reasons_line() == "errors: decode/TruncatedImageError 3, decode/EmptyImageError 1, read/ReadError 1"

@@ -11,6 +11,9 @@ def register(parser) -> None:
   parser.add_argument("output", metavar="OUTPUT", help="the job's output.uri (local folder or gs://…)")
   parser.add_argument("--rows", type=int, default=3, help="sample rows to show (default 3)")
   parser.add_argument("--json", action="store_true", help="print the report as JSON")
+  parser.add_argument("--html", metavar="REPORT.html",
+                      help="also write a self-contained HTML contact sheet (thumbnails with boxes, masks, texts)")
+  parser.add_argument("--html-rows", type=int, default=200, help="rows shown in the HTML report (default 200)")
 
 
 def main(args) -> int:
@@ -21,4 +24,7 @@ def main(args) -> int:
     print(f"pgbatch inspect: {args.output}: not found ({e})", file=sys.stderr)
     return 2
   print(json.dumps(rep, indent=1, default=str) if args.json else format_report(rep))
+  if args.html and rep["shards"]:
+    from pgbatch import report
+    print(f"html report: {report.write_html(args.output, args.html, limit=args.html_rows)}")
   return 0 if rep["shards"] else 1

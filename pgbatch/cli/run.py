@@ -14,6 +14,11 @@ def register(parser) -> None:
   add_override_args(parser)
   parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
   parser.add_argument("-v", "--verbose", action="store_true", help="log each committed shard and the run's phases")
+  preview = parser.add_argument_group("preview (a few images into a separate folder; the job's output is not touched)")
+  preview.add_argument("--limit", type=int, metavar="N", help="annotate only the first N images")
+  preview.add_argument("--sample", type=float, metavar="FRACTION", help="annotate a seeded random sample")
+  preview.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
+  preview.add_argument("--preview-dir", metavar="DIR", help="default ./pgbatch-preview/<job name>/")
 
 
 def main(args) -> int:
@@ -30,10 +35,17 @@ def main(args) -> int:
     return 2
   from pgbatch.redact import install_log_filter
   install_log_filter(spec.secrets())
+  preview = args.limit is not None or args.sample is not None
+  if preview and not ((args.limit is None or args.limit >= 1) and (args.sample is None or 0 < args.sample <= 1)):
+    print("pgbatch run: --limit must be >= 1 and --sample in (0, 1]", file=sys.stderr)
+    return 2
   from pgbatch.checkpoints import CheckpointError
   from pgbatch.errors import OutputError, report
   from pgbatch.tokenizer import TokenizerError
   try:
+    if preview:
+      from pgbatch import preview as preview_lib
+      return preview_lib.run_preview(spec, args, run)
     summary = run(spec, progress=not args.no_progress)
   except InputError as e:
     report(f"pgbatch run: {spec.name}: no input to process", e)
@@ -45,6 +57,8 @@ def main(args) -> int:
     report(f"pgbatch run: {spec.name}", e)
     return 2
   print(summary.line())
+  if summary.phases:
+    print("  " + summary.phases_line())
   if summary.reasons:
     print("  " + summary.reasons_line())
   if not summary.success:
