@@ -102,14 +102,30 @@ def _check_model(spec, timeout_s: float) -> list[tuple[str, str]]:
   except Exception as e:  # noqa: BLE001
     problems.append(("model.tokenizer", str(e)))
   if spec.model.vae and any(t.kind == "segment" for t in spec.tasks):
-    from pgbatch.model import vqvae
     try:
-      _bounded(lambda: vqvae.load_params(spec.model.vae), timeout_s, f"reading {spec.model.vae}")
+      _bounded(lambda: _vae_keys(spec.model.vae), timeout_s, f"reading {spec.model.vae}")
     except FileNotFoundError:
       problems.append(("model.vae", f"{spec.model.vae} not found"))
     except Exception as e:  # noqa: BLE001
       problems.append(("model.vae", f"{spec.model.vae}: {type(e).__name__}: {e}"))
   return problems
+
+
+VAE_KEYS = ("_vq_vae._embedding", "decoder.0.weight", "decoder.12.weight")  # a few of model/vqvae.py's names
+
+
+def _vae_keys(uri: str) -> None:
+  """Raises KeyError unless the npz at `uri` has the VQ-VAE decoder's keys (numpy only: validate loads no JAX;
+  the actors load it with `model.vqvae.load`, which checks every key and shape)."""
+  import io
+  import fsspec
+  import numpy as np
+  with fsspec.open(uri, "rb") as f:
+    data = f.read()
+  with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+    missing = [k for k in VAE_KEYS if k not in npz.files]
+  if missing:
+    raise KeyError(f"not a VQ-VAE checkpoint, missing keys: {missing}")
 
 
 def check(spec, timeout_s: float = TIMEOUT_S) -> list[tuple[str, str]]:

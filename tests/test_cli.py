@@ -26,10 +26,17 @@ def _probe(*argv):
   return report["rc"], report["heavy"], proc.stdout
 
 
-def test_validate_imports_neither_jax_nor_ray():
-  rc, heavy, out = _probe("validate", str(ROOT / "jobs" / "nightly-captions.yaml"))
+def test_validate_imports_neither_jax_nor_ray(tmp_path):
+  rc, heavy, out = _probe("validate", "--spec-only", str(ROOT / "jobs" / "nightly-captions.yaml"))  # example buckets
   assert rc == 0 and "ok" in out
   assert heavy == []
+  import yaml
+  from pgbatch import demo   # a job ready to run here, segment task included: every check of validate runs
+  demo.write_demo_model(tmp_path / "model")
+  demo.write_shards(tmp_path / "shards", demo.samples()[:2], shards=1)
+  (tmp_path / "job.yaml").write_text(yaml.safe_dump(demo.job_dict(tmp_path)))
+  rc, heavy, out = _probe("validate", str(tmp_path / "job.yaml"))
+  assert rc == 0 and "output writable, model readable" in out and heavy == []
 
 
 def test_validate_of_a_bad_spec_imports_neither_jax_nor_ray(tmp_path):
