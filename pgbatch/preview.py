@@ -90,8 +90,9 @@ def prepare(spec, directory: Path, limit: Optional[int], fraction: Optional[floa
   return config.from_dict(tree, environ={}, source="preview"), len(rows)
 
 
-def print_rows(output_uri: str, out=sys.stdout) -> None:
+def print_rows(output_uri: str, out=None) -> None:
   """One block per image: key, status (error reason), then each task's result in a few words."""
+  out = out or sys.stdout
   from pgbatch import inspection, tasks as tasks_lib
   from pgbatch.io import sink as sink_lib
   for entry in sink_lib.read_manifest(output_uri):
