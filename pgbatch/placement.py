@@ -5,7 +5,7 @@ Pure functions; the only module-level Ray import is lazy so the Engine side can 
 How the pipeline uses it::
 
     ds = ds.map_batches(decode, runtime_env=cpu_stage_env(), ...)            # decode / safety / sink
-    ds = ds.map_batches(Annotator, batch_size=res.batch_size, **annotate_ray_args(res))
+    ds = ds.map_batches(AnnotatorActor, batch_size=res.batch_size, **annotate_ray_args(res))
     configure_data_context(ray.data.DataContext.get_current(), res)
 
 and inside the annotate actor::
@@ -30,7 +30,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -332,3 +332,63 @@ def init_with_retry(make: Callable[[], T], retries: int = 3, backoff_s: float = 
       log.warning("actor init failed (attempt %d/%d): %s", attempt + 1, retries + 1, e)
       sleep(backoff_s * 2 ** attempt)
   raise AssertionError("unreachable")
+
+
+# --- local Ray: start-up and resource checks ----------------------------------------------------------
+
+
+def ensure_ray(accelerator: str = "cpu", num_cpus: Optional[int] = None) -> bool:
+  """Starts a local Ray (or connects to RAY_ADDRESS) unless one is initialized. Returns True when this
+  process started a local Ray, whose workers therefore inherit this process's environment."""
+  import ray
+  if ray.is_initialized():
+    return False
+  address = os.environ.get("RAY_ADDRESS") or "local"
+  kwargs = dict(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                configure_logging=True, log_to_driver=True)
+  if address == "local":
+    # at least 2 logical CPUs: the annotate actor takes 1, the CPU stages share the other
+    kwargs["num_cpus"] = num_cpus or max(os.cpu_count() or 1, 2)
+    if accelerator == "cpu":  # every stage wants JAX on the CPU: workers inherit it, no per-stage env needed
+      os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if address == "local":
+    del kwargs["address"]
+    start_local_ray(**kwargs)  # loopback only, token auth
+  else:
+    ray.init(**kwargs)
+  return address == "local"
+
+
+class ResourceError(RuntimeError):
+  """The local Ray cannot host the job's actors (it would wait for them until wait_for_actors_s)."""
+
+
+def check_local_resources(spec, available: dict) -> None:
+  """For a local Ray started here: fail at once when the annotate actors cannot all be placed."""
+  res = spec.resources
+  need = {"CPU": res.actors * res.num_cpus + 2 * res.cpu_stage_cpus}
+  if res.accelerator == "gpu":
+    need["GPU"] = res.actors * res.chips_per_actor
+  elif res.accelerator == "tpu":
+    need["TPU"] = res.actors * res.chips_per_actor
+  short = {k: (v, float(available.get(k, 0))) for k, v in need.items() if float(available.get(k, 0)) + 1e-9 < v}
+  if short:
+    what = ", ".join(f"{k}: needs {v:g}, this machine has {a:g}" for k, (v, a) in short.items())
+    raise ResourceError(f"resources: the local Ray cannot place {res.actors} {res.accelerator} annotate actor(s) "
+                        f"({what}); lower resources.actors / chips_per_actor / num_cpus, or run on a cluster "
+                        "(RAY_ADDRESS)")
+
+
+def stage_runtime_env(env: dict, inherited: bool) -> Optional[dict]:
+  """`env` unless every variable already has that value in workers that inherit this process's environment
+  (then workers Ray prestarted can run the stage instead of fresh processes: seconds saved per stage)."""
+  if inherited and all(os.environ.get(k) == v for k, v in (env.get("env_vars") or {}).items()) and set(env) <= {
+      "env_vars"}:
+    return None
+  return env
+
+
+def ray_resources() -> dict:
+  """The resources of the Ray this process is attached to."""
+  import ray
+  return ray.cluster_resources()

@@ -13,6 +13,7 @@ import time
 import yaml
 
 from pgbatch import cli, demo, errors
+from pgbatch.io import listing
 from tests import pipeline_helpers as H
 
 
@@ -118,15 +119,14 @@ def test_ctrl_c_stops_a_run_cleanly(tmp_path):
 
 
 def test_check_output_on_an_object_store(gcs):
-  from pgbatch import pipeline
   fs, bucket = gcs
   fs.pipe(f"{bucket}/errors/taken", b"a file")
-  pipeline.check_output(f"gs://{bucket}/errors/new-folder/")  # missing folders are fine: the sink makes them
+  listing.check_output(f"gs://{bucket}/errors/new-folder/")  # missing folders are fine: the sink makes them
   fs.pipe(f"{bucket}/errors/existing/x.parquet", b"x")
-  pipeline.check_output(f"gs://{bucket}/errors/existing/")
+  listing.check_output(f"gs://{bucket}/errors/existing/")
   for uri, what in ((f"gs://{bucket}/errors/taken", "is a file"), (f"gs://{bucket}/errors/taken/sub/", "lies under")):
     try:
-      pipeline.check_output(uri)
+      listing.check_output(uri)
     except errors.OutputError as e:
       assert str(e).startswith(f"output.uri: {uri}") and what in str(e), str(e)
     else:

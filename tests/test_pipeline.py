@@ -9,6 +9,11 @@ import pytest
 from PIL import Image
 
 from pgbatch import cli, config, demo, pipeline, schema, tasks
+from pgbatch import annotate
+from pgbatch.pipeline import commit as pipeline_commit
+from pgbatch.pipeline import plan as pipeline_plan
+from pgbatch.pipeline import progress as pipeline_progress
+from pgbatch import placement
 from tests import pipeline_helpers as H
 
 TASKS = [
@@ -151,7 +156,7 @@ def test_progress_line_shows_rate_and_eta():
     def isatty(self):
       return True
   out = Tty()
-  p = pipeline.Progress(shards=4, stream=out, tick_s=0)
+  p = pipeline_progress.Progress(shards=4, stream=out, tick_s=0)
   assert "0/4 shards  0 images  checking input and model … 0:00" in p.text()
   p.phase("starting Ray")
   p.phase("loading and compiling the model")
@@ -166,9 +171,9 @@ def test_progress_line_shows_rate_and_eta():
   text = out.getvalue()
   assert "1/4 shards  20 images" in text and "img/s annotating" in text and "ETA 0:" in text
   assert list(p.phases) == ["checking input and model", "starting Ray", "loading and compiling the model",
-                            "annotating"] == list(pipeline.PHASES)
+                            "annotating"] == list(pipeline_progress.PHASES)
   quiet = io.StringIO()
-  q = pipeline.Progress(shards=4, stream=quiet, enabled=False)
+  q = pipeline_progress.Progress(shards=4, stream=quiet, enabled=False)
   q.update(images=3, shards=1, done_images=3)
   q.close()
   assert quiet.getvalue() == ""
@@ -240,20 +245,20 @@ def test_parquet_input_with_per_image_questions(parquet_job):
 
 
 def test_question_fields_come_from_columns_or_the_json_sidecar():
-  assert pipeline.question_fields('{"json": {"question": "a?"}, "txt": "t"}')["question"] == "a?"
-  assert pipeline.question_fields('{"question": "col", "json": {"question": "side"}}')["question"] == "col"
-  assert pipeline.question_fields(None) == {} and pipeline.question_fields("not json") == {}
+  assert annotate.question_fields('{"json": {"question": "a?"}, "txt": "t"}')["question"] == "a?"
+  assert annotate.question_fields('{"question": "col", "json": {"question": "side"}}')["question"] == "col"
+  assert annotate.question_fields(None) == {} and annotate.question_fields("not json") == {}
 
 
 def _part(shard: str, keys: list[str], expected: int) -> pa.Table:
   n = len(keys)
   return pa.table({"key": keys, "shard": [shard] * n, "status": ["ok"] * n,
-                   pipeline.SHARD_ROWS: pa.array([expected] * n, pa.int64()),
-                   pipeline.READ_AT: pa.array([1.0] * n, pa.float64())})
+                   pipeline_plan.SHARD_ROWS: pa.array([expected] * n, pa.int64()),
+                   pipeline_plan.READ_AT: pa.array([1.0] * n, pa.float64())})
 
 
 def test_shard_buffer_releases_a_shard_when_all_its_rows_arrived():
-  buf = pipeline.ShardBuffer()
+  buf = pipeline_commit.ShardBuffer()
   assert buf.add(pa.concat_tables([_part("a", ["a1", "a2"], 3), _part("b", ["b1"], 2)])) == []
   (done,) = buf.add(pa.concat_tables([_part("b", ["b2"], 2), _part("c", ["c1"], 4)]))
   assert done[0] == "b" and sorted(done[1].column("key").to_pylist()) == ["b1", "b2"]
@@ -278,27 +283,27 @@ def test_commit_retries_io_errors_but_not_data_errors():
       return f"gs://b/{shard_id}.parquet"
 
   s = FlakySink(2, OSError("503 backend error"))
-  assert pipeline.commit_with_retry(s, "x", None, {}, backoff_s=0) == "gs://b/x.parquet" and s.calls == 3
+  assert pipeline_commit.commit_with_retry(s, "x", None, {}, backoff_s=0) == "gs://b/x.parquet" and s.calls == 3
   s = FlakySink(5, OSError("503"))
   with pytest.raises(OSError):
-    pipeline.commit_with_retry(s, "x", None, {}, attempts=3, backoff_s=0)
+    pipeline_commit.commit_with_retry(s, "x", None, {}, attempts=3, backoff_s=0)
   assert s.calls == 3
   s = FlakySink(1, ValueError("column 'key' has nulls"))
   with pytest.raises(ValueError):
-    pipeline.commit_with_retry(s, "x", None, {}, backoff_s=0)
+    pipeline_commit.commit_with_retry(s, "x", None, {}, backoff_s=0)
   assert s.calls == 1
 
 
 def test_local_resources_checked_before_waiting_for_actors():
   spec = config.from_dict(H.job("r", "a", "b", "c", "d"), environ={})
-  pipeline.check_local_resources(spec, {"CPU": 2.0})
-  with pytest.raises(pipeline.ResourceError, match="needs 4.5, this machine has 2"):
-    pipeline.check_local_resources(config.from_dict(H.job("r", "a", "b", "c", "d"), overrides=["resources.actors=4"],
+  placement.check_local_resources(spec, {"CPU": 2.0})
+  with pytest.raises(placement.ResourceError, match="needs 4.5, this machine has 2"):
+    placement.check_local_resources(config.from_dict(H.job("r", "a", "b", "c", "d"), overrides=["resources.actors=4"],
                                                     environ={}), {"CPU": 2.0})
   gpu = config.from_dict(H.job("r", "a", "b", "c", "d"), overrides=["resources.accelerator=gpu"], environ={})
-  with pytest.raises(pipeline.ResourceError, match="GPU: needs 1, this machine has 0"):
-    pipeline.check_local_resources(gpu, {"CPU": 16.0})
-  pipeline.check_local_resources(gpu, {"CPU": 16.0, "GPU": 1.0})
+  with pytest.raises(placement.ResourceError, match="GPU: needs 1, this machine has 0"):
+    placement.check_local_resources(gpu, {"CPU": 16.0})
+  placement.check_local_resources(gpu, {"CPU": 16.0, "GPU": 1.0})
 
 
 def test_model_that_fails_to_load_in_the_actors_fails_the_run_and_writes_nothing(ray_session, tmp_path, capsys):

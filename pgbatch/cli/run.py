@@ -24,7 +24,8 @@ def register(parser) -> None:
 def main(args) -> int:
   from pgbatch import config
   from pgbatch.io.readers import InputError
-  from pgbatch.pipeline import ResourceError, SafetyListError, run
+  from pgbatch.pipeline import SafetyListError, run
+  from pgbatch.placement import ResourceError
   if getattr(args, "verbose", False) and logging.getLogger("pgbatch").getEffectiveLevel() > logging.INFO:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pgbatch").setLevel(logging.INFO)

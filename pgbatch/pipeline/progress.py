@@ -1,4 +1,5 @@
-"""The run's progress line and its phases, with one definition of the rate everywhere.
+"""What a run shows: the progress line and its phases while it runs (one definition of the rate everywhere), and
+the `Summary` it returns.
 
 Phases, in order: `checking input and model` (listing shards, the output's manifest, model headers), `starting Ray`, `loading and compiling the model` (until the first batch of
 results reaches the driver), `annotating` (until the last shard is committed). Each phase's duration is kept
@@ -16,6 +17,7 @@ is written every `every_s` seconds while the run goes, and a final line when it 
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import time
@@ -146,3 +148,51 @@ class Progress:
         self.stream.write("\n")
         self.stream.flush()
     self._closed.set()
+
+
+@dataclasses.dataclass
+class Summary:
+  """What one `run` did. `images`: rows written by this run (`ok + error + filtered`)."""
+  job: str
+  run_id: str
+  output_uri: str
+  shards_total: int = 0
+  shards_skipped: int = 0       # already committed by an earlier run
+  shards_committed: int = 0     # committed by this run
+  shards_failed: list = dataclasses.field(default_factory=list)  # shard ids not committed by this run
+  images: int = 0
+  ok: int = 0
+  error: int = 0
+  filtered: int = 0
+  seconds: float = 0.0
+  files: list = dataclasses.field(default_factory=list)
+  failure: Optional[str] = None   # why the run stopped early, if it did
+  reasons: dict = dataclasses.field(default_factory=dict)  # "stage/type" -> error rows written by this run
+  annotate_rate: Optional[float] = None  # images/s of annotating (pgbatch.progress); None under two batches
+  phases: dict = dataclasses.field(default_factory=dict)   # phase name -> seconds (pgbatch.progress.PHASES)
+
+  @property
+  def success(self) -> bool:
+    return self.failure is None and not self.shards_failed
+
+  def reasons_line(self, top: int = 5) -> str:
+    """`errors: decode/TruncatedImageError 3, read/ReadError 1` (most frequent first), or ""."""
+    if not self.reasons:
+      return ""
+    items = sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    more = f", … ({len(items) - top} more)" if len(items) > top else ""
+    return "errors: " + ", ".join(f"{k} {n}" for k, n in items[:top]) + more
+
+  def line(self) -> str:
+    """The run in one line; the two rates are labelled: annotating (steady state) and wall-clock (whole run)."""
+    rate = self.images / self.seconds if self.seconds > 0 else 0.0
+    skipped = f", {self.shards_skipped} already done" if self.shards_skipped else ""
+    failed = f", {len(self.shards_failed)} FAILED" if self.shards_failed else ""
+    annotating = f"{self.annotate_rate:.2f} images/s annotating, " if self.annotate_rate is not None else ""
+    return (f"pgbatch: {self.job}: {self.images} images (ok {self.ok}, error {self.error}, filtered "
+            f"{self.filtered}) in {self.shards_committed}/{self.shards_total} shards{skipped}{failed}, "
+            f"{self.seconds:.1f} s, {annotating}{rate:.2f} images/s wall-clock → {self.output_uri}")
+
+  def phases_line(self) -> str:
+    """`phases: listing input 0:00, starting Ray 0:04, …` or "" when nothing ran."""
+    return ("phases: " + ", ".join(f"{k} {fmt_s(v)}" for k, v in self.phases.items())) if self.phases else ""
