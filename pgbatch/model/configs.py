@@ -20,6 +20,7 @@ class VisionConfig:
   mlp_dim: int = 4304
   num_heads: int = 16
   patch_size: int = 14
+  unroll: bool = False                    # compile the layer loop unrolled (cost analysis counts a loop body once)
 
   @property
   def head_dim(self) -> int:
@@ -42,6 +43,7 @@ class TextConfig:
   post_norms: bool = False                # Gemma 2: post-attention and post-ffw RMSNorms
   sliding_window: Optional[int] = None    # Gemma 2 local attention on even layers (HF); None = off (big_vision)
   rope_base: float = 10_000.0
+  unroll: bool = False                    # compile the layer loop unrolled (cost analysis counts a loop body once)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,11 @@ class PaliGemmaConfig:
 
   def replace(self, **text_overrides) -> "PaliGemmaConfig":
     return dataclasses.replace(self, text=dataclasses.replace(self.text, **text_overrides))
+
+  def with_depth(self, depth: int, unroll: bool = True) -> "PaliGemmaConfig":
+    """The same model with `depth` layers in both towers (cost extrapolation by depth)."""
+    return dataclasses.replace(self, vision=dataclasses.replace(self.vision, depth=depth, unroll=unroll),
+                               text=dataclasses.replace(self.text, depth=depth, unroll=unroll))
 
 
 def _gemma(width, depth, mlp_dim, num_heads, num_kv_heads, head_dim, gen2, query_scale=None):

@@ -113,5 +113,5 @@ def forward(params, x, positions, k_pos, k_valid, k_visible, cache, write_index,
     x, ck, cv = _block(p, x, positions, mask, ck, cv, write_index, cfg)
     return x, (ck, cv)
 
-  x, cache = jax.lax.scan(body, x, (params["layers"], cache[0], cache[1], sliding))
+  x, cache = jax.lax.scan(body, x, (params["layers"], cache[0], cache[1], sliding), unroll=cfg.unroll)
   return x, cache

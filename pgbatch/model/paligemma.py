@@ -10,6 +10,7 @@ Letters: B batch, P image tokens, T text positions, S cache slots, D width, V vo
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,15 +50,19 @@ def text_logits(params, images, tokens, prefix_len, cfg: PaliGemmaConfig):
   return gemma.logits(llm, h[:, p:], cfg.text)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_at_eos"))
-def generate_tokens(params, zimg, tokens, lengths, row_valid, *, cfg: PaliGemmaConfig, max_new_tokens: int,
-                    stop_at_eos: bool = True):
-  """Greedy decoding from image tokens.
+class DecodeState(NamedTuple):
+  """What a greedy step reads and writes. cache (k, v) each [L, B, S, K, H]; k_pos int [B, S] and k_valid
+  bool [B, S] describe every slot; gen_pos int [B, N] the positions of the N new tokens; s0 = P + T."""
+  cache: tuple
+  k_pos: jax.Array
+  k_valid: jax.Array
+  gen_pos: jax.Array
 
-  zimg [B, P, D]; tokens int32 [B, T] left-aligned prompts (BOS … "\n"), right-padded; lengths int32 [B];
-  row_valid bool [B] (False for batch padding). Returns (tokens int32 [B, max_new_tokens], steps int32):
-  row b's new tokens up to its first EOS are meaningful; decoding stops once every valid row hit EOS
-  (with stop_at_eos=False it always runs max_new_tokens steps: benchmarks).
+
+def prefill(params, zimg, tokens, lengths, *, cfg: PaliGemmaConfig, max_new_tokens: int):
+  """The bidirectional prefix pass. zimg [B, P, D]; tokens int32 [B, T]; lengths int32 [B].
+
+  Returns (first-token logits float32 [B, V], DecodeState with the prefix written into the cache).
   """
   llm, tcfg = params["llm"], cfg.text
   b, p = zimg.shape[:2]
@@ -71,31 +76,53 @@ def generate_tokens(params, zimg, tokens, lengths, row_valid, *, cfg: PaliGemmaC
   prefix_valid = jnp.concatenate([jnp.ones((b, p), bool), jnp.arange(t) < lengths[:, None]], axis=1)
   k_valid = jnp.concatenate([prefix_valid, jnp.zeros((b, max_new_tokens), bool)], axis=1)
   cache = _empty_cache(cfg, b, slots, x.dtype)
-
-  # Prefill: the whole prefix attends bidirectionally to its valid slots.
   h, cache = gemma.forward(llm, x, prefix_pos, k_pos, k_valid, jnp.ones((b, s0, slots), bool),
                            cache, 0, tcfg)
   last = jnp.take_along_axis(h, (p + lengths - 1)[:, None, None], axis=1)        # [B, 1, D]
-  first = jnp.argmax(gemma.logits(llm, last, tcfg)[:, 0], axis=-1).astype(jnp.int32)
-  out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
+  return gemma.logits(llm, last, tcfg)[:, 0], DecodeState(cache, k_pos, k_valid, gen_pos)
+
+
+def decode_step(params, token, i, state: DecodeState, *, cfg: PaliGemmaConfig):
+  """Feeds new token i - 1 (int32 [B]) at its slot. Returns (logits float32 [B, V], state)."""
+  llm, tcfg = params["llm"], cfg.text
+  b, slots = state.k_valid.shape
+  s0 = slots - state.gen_pos.shape[1]
+  slot = s0 + i - 1
+  k_valid = state.k_valid.at[:, slot].set(True)
+  x = gemma.embed(llm, token[:, None]).astype(state.cache[0].dtype)
+  pos = jax.lax.dynamic_slice_in_dim(state.gen_pos, i - 1, 1, axis=1)            # [B, 1]
+  h, cache = gemma.forward(llm, x, pos, state.k_pos, k_valid, jnp.ones((b, 1, slots), bool),
+                           state.cache, slot, tcfg)
+  return gemma.logits(llm, h, tcfg)[:, 0], state._replace(cache=cache, k_valid=k_valid)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_at_eos"))
+def generate_tokens(params, zimg, tokens, lengths, row_valid, *, cfg: PaliGemmaConfig, max_new_tokens: int,
+                    stop_at_eos: bool = True):
+  """Greedy decoding from image tokens: `prefill`, then `decode_step` until every valid row is done.
+
+  zimg [B, P, D]; tokens int32 [B, T] left-aligned prompts (BOS … "\n"), right-padded; lengths int32 [B];
+  row_valid bool [B] (False for batch padding). Returns (tokens int32 [B, max_new_tokens], steps int32):
+  row b's new tokens up to its first EOS are meaningful; decoding stops once every valid row hit EOS
+  (with stop_at_eos=False it always runs max_new_tokens steps: benchmarks).
+  """
+  logits, state = prefill(params, zimg, tokens, lengths, cfg=cfg, max_new_tokens=max_new_tokens)
+  first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  out = jnp.zeros((zimg.shape[0], max_new_tokens), jnp.int32).at[:, 0].set(first)
   eos = EOS if stop_at_eos else -1
   done = ~row_valid | (first == eos)
 
-  def cond(state):
-    i, _, _, _, done = state
+  def cond(carry):
+    i, _, _, done = carry
     return (i < max_new_tokens) & ~jnp.all(done)
 
-  def step(state):
-    i, out, cache, k_valid, done = state
-    slot = s0 + i - 1
-    k_valid = k_valid.at[:, slot].set(True)
-    x = gemma.embed(llm, jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)).astype(zimg.dtype)
-    pos = jax.lax.dynamic_slice_in_dim(gen_pos, i - 1, 1, axis=1)               # [B, 1]
-    h, cache = gemma.forward(llm, x, pos, k_pos, k_valid, jnp.ones((b, 1, slots), bool),
-                             cache, slot, tcfg)
-    tok = jnp.argmax(gemma.logits(llm, h, tcfg)[:, 0], axis=-1).astype(jnp.int32)
+  def step(carry):
+    i, out, state, done = carry
+    token = jax.lax.dynamic_index_in_dim(out, i - 1, axis=1, keepdims=False)
+    logits, state = decode_step(params, token, i, state, cfg=cfg)
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
-    return i + 1, out, cache, k_valid, done | (tok == eos)
+    return i + 1, out, state, done | (tok == eos)
 
-  steps, out, _, _, _ = jax.lax.while_loop(cond, step, (jnp.int32(1), out, cache, k_valid, done))
+  steps, out, _, _ = jax.lax.while_loop(cond, step, (jnp.int32(1), out, state, done))
   return out, steps

@@ -54,6 +54,6 @@ def encode(params, images, cfg: VisionConfig):
   def body(x, layer_params):
     return _block(x, layer_params, cfg.num_heads), None
 
-  x, _ = jax.lax.scan(body, x, params["Transformer"]["encoderblock"])
+  x, _ = jax.lax.scan(body, x, params["Transformer"]["encoderblock"], unroll=cfg.unroll)
   x = layer_norm(x, params["Transformer"]["encoder_norm"])
   return x @ params["head"]["kernel"] + params["head"]["bias"]
