@@ -1,5 +1,5 @@
-"""`pgbatch bench`: engine throughput (random weights), the whole pipeline (--pipeline) or checkpoint loading
-(--load); one JSON line per measurement."""
+"""`pgbatch bench`: engine throughput (random weights), the whole pipeline (--pipeline), checkpoint loading
+(--load) or the cost model of the compiled programs (--cost, no accelerator); one JSON line per measurement."""
 from __future__ import annotations
 
 import json
@@ -10,13 +10,20 @@ HELP = "engine or pipeline throughput benchmark"
 
 
 def register(parser) -> None:
-  parser.add_argument("--variant", default="tiny-pg1", help="model variant (pgbatch models)")
+  parser.add_argument("--variant", default="tiny-pg1", help="model variant (pgbatch models); --cost: comma-separated")
   parser.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes to sweep")
   parser.add_argument("--new-tokens", type=int, default=20)
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--mesh", default=None, help="DATAxMODEL over the local devices, e.g. 1x8; default one device")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--pipeline", action="store_true", help="time the whole Ray pipeline instead")
+  parser.add_argument("--cost", action="store_true", help="compile the real programs from abstract shapes (no "
+                      "weights, no accelerator): FLOPs, bytes, memory, cache copies, roofline img/s per device")
+  parser.add_argument("--target", default="cpu", help="--cost: comma-separated cpu, tpu-v5e-1, tpu-v5e-4, "
+                      "tpu-v5e-8 (TPU targets need the libtpu wheel: pip install 'pgbatch[tpu-cost]')")
+  parser.add_argument("--prompt-len", type=int, default=4, help="--cost: prompt tokens (bucketed as in a job)")
+  parser.add_argument("--in-flight", type=int, default=1, help="--cost: batches in flight per replica "
+                      "(resources.concurrent_batches) for the memory figure")
   parser.add_argument("--images", type=int, default=256, help="--pipeline: images to annotate")
   parser.add_argument("--workdir", default=None, help="--pipeline: where shards and output go; --load: where the "
                       "random checkpoint is written (kept and reused), default a temporary directory")
@@ -34,6 +41,9 @@ def main(args) -> int:
   from pgbatch.model import configs, make_mesh
   if args.load is not None:
     return _main_load(args)
+  if args.cost:
+    from pgbatch.costmodel import main_cost
+    return main_cost(args)
   if args.pipeline:
     print(json.dumps(bench.bench_pipeline(args.variant, args.images, int(args.batch.split(",")[-1]), args.workdir,
                                     args.dtype, args.new_tokens, args.repeats)))
