@@ -9,7 +9,10 @@ and a roofline estimate of images/s on H100, H200 and v5e.
 
 `cost_analysis` counts a rolled loop body once, so phase costs come from the model compiled at depth 1 and 2
 with the layer loops unrolled, extrapolated linearly to the real depth. Memory and cache copies come from the
-real-depth programs as they run.
+real-depth programs as they run. The CPU backend has no bf16 matmul: it converts bf16 weights to f32 inside a
+standalone phase program, which would count the conversion as traffic; on `cpu` the phases are therefore
+compiled in float32 and their bytes scaled to the requested dtype (`phase_bytes_scaled`). TPU phases are the
+bf16 programs as compiled.
 """
 from __future__ import annotations
 
@@ -230,6 +233,7 @@ def analyze(variant: str, batch: int, target: str = "cpu", new_tokens: int = 20,
             dtype: str = "bfloat16", in_flight: int = 1, mesh_shape: tuple[int, int] | None = None) -> dict:
   """One report: {variant, batch, target, mesh, phases, per_device_bytes, fits, decode_cache_copies,
   predicted_img_s, ...}. See the module docstring."""
+  import jax.numpy as jnp
   import numpy as np
   from jax.sharding import Mesh
   from pgbatch import placement
@@ -261,8 +265,13 @@ def analyze(variant: str, batch: int, target: str = "cpu", new_tokens: int = 20,
   activations = max((m["output"] + m["temp"] + m["generated_code"] - m["alias"] for m in mem.values()), default=0)
   per_device = weights + in_flight * activations
   capacity = TPU_HBM if target.startswith("tpu") else None
-  phases = phase_costs(cfg, batch, prompt_len, new_tokens, dtype, mesh)
+  phase_dtype, phase_scale = dtype, 1.0
+  if target == "cpu" and jnp.dtype(dtype).itemsize < 4:
+    phase_dtype, phase_scale = "float32", jnp.dtype(dtype).itemsize / 4
+  phases = phase_costs(cfg, batch, prompt_len, new_tokens, phase_dtype, mesh)
+  phases = {k: {"flops": v["flops"], "bytes": v["bytes"] * phase_scale} for k, v in phases.items()}
   report.update(
+      phase_bytes_scaled=phase_scale if phase_scale != 1 else None,
       phases={k: {"flops": v["flops"], "bytes": v["bytes"]} for k, v in
               (("siglip", phases["encode"]), ("prefill", phases["prefill"]), ("decode_step", phases["decode_step"]))},
       weight_bytes_per_device=weights, activation_bytes_per_device=activations, per_device_bytes=per_device,

@@ -115,6 +115,33 @@ def test_greedy_tokens_match_transformers_generate(pair, images):
   assert len({t for r in got for t in r}) > 3
 
 
+def test_decode_steps_match_the_full_pass(pair, images):
+  # Each step's logits, from the prefix's keys plus the new-token cache written in place, equal the full pass over
+  # prompt + new tokens (prefix-LM mask): the cache holds exactly what the full pass computes.
+  from pgbatch.model import pad_prompts, paligemma
+  _, ours, _ = pair
+  cfg, n, prompts = ours.config, 5, PROMPTS[:4]
+  prefill = jax.jit(paligemma.prefill, static_argnames=("cfg", "max_new_tokens"))
+  step = jax.jit(paligemma.decode_step, static_argnames="cfg")
+  with jax.default_matmul_precision("highest"):
+    zimg = ours.encode_images(images[:4])
+    tokens, lengths, _ = pad_prompts(prompts, 4)
+    logits, state = prefill(ours.params, zimg, tokens, lengths, cfg=cfg, max_new_tokens=n)
+    steps = [np.asarray(logits)]
+    for i in range(1, n):
+      logits, state = step(ours.params, np.argmax(steps[-1], -1).astype(np.int32), np.int32(i), state, cfg=cfg)
+      steps.append(np.asarray(logits))
+    new = np.argmax(np.stack(steps, 1), -1)                                    # [B, n]
+    full_tokens = np.zeros((4, 8 + n), np.int32)
+    for b, p in enumerate(prompts):
+      full_tokens[b, :len(p) + n] = p + new[b].tolist()
+    full = np.asarray(ours.logits(images[:4], full_tokens, lengths))
+  for b, p in enumerate(prompts):
+    want = full[b, len(p) - 1:len(p) - 1 + n]
+    got = np.stack(steps, 1)[b]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5, b
+
+
 def test_bfloat16_agrees_with_float32_on_most_rows(pair, images):
   _, ours, path = pair
   bf16 = pgbatch.model.load(str(path), dtype="bfloat16")

@@ -3,8 +3,8 @@
 Einsum letters: B batch, T query positions, S key positions (cache slots), D width, N query heads,
 K kv heads, G = N // K query heads per kv head, H head_dim, F mlp_dim, V vocab, L depth.
 
-One `forward` serves the full pass (logits, prefill) and single-token decode: it attends from the new
-positions to a key/value sequence that is the layer's cache with the new keys written at `write_index`.
+`forward` is the full pass (logits, prefill) and returns every layer's keys/values; `decode` feeds one new
+token per row, reading the prefix's keys/values and writing its own into a small new-token cache in place.
 """
 from __future__ import annotations
 
@@ -52,32 +52,43 @@ def rope(x, positions, base: float):
 
 def attend(q, k, v, mask, softcap: float):
   """q [B, T, N, H] (already scaled), k/v [B, S, K, H], mask bool [B, T, S] -> [B, T, N, H]."""
+  return attend_blocks(q, ((k, v, mask),), softcap)
+
+
+def attend_blocks(q, blocks, softcap: float):
+  """Attention over several key blocks with one softmax: blocks = ((k, v [B, S_i, K, H], mask bool [B, T, S_i]),
+  ...). q [B, T, N, H] (already scaled) -> [B, T, N, H]. Keys stay where they are (no concatenated cache)."""
   b, t, n, h = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = blocks[0][0].shape[2]
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-  if softcap:
-    s = jnp.tanh(s / softcap) * softcap
-  s = jnp.where(mask[:, None, None], s, MASK_VALUE)
-  probs = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+  scores = []
+  for k, _, mask in blocks:
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    if softcap:
+      s = jnp.tanh(s / softcap) * softcap
+    scores.append(jnp.where(mask[:, None, None], s, MASK_VALUE))
+  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+  out, start = 0, 0
+  for k, v, _ in blocks:
+    p = jax.lax.slice_in_dim(probs, start, start + k.shape[1], axis=-1).astype(q.dtype)
+    out = out + jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(q.dtype))
+    start += k.shape[1]
+  return out.reshape(b, t, n, h)
 
 
-def _block(p, x, positions, mask, cache_k, cache_v, write_index, cfg: TextConfig):
-  """One decoder layer. x [B, T, D]; cache_k/v [B, S, K, H] receive this layer's keys at write_index.
-
-  Returns (x [B, T, D], cache_k, cache_v).
-  """
+def _qkv(p, x, positions, cfg: TextConfig):
+  """Pre-norm projections. x [B, T, D] -> q [B, T, N, H] (roped, scaled), k/v [B, T, K, H] (k roped)."""
   attn = p["attn"]
   h = rms_norm(x, p["pre_attention_norm"]["scale"])
   q = jnp.einsum("BTD,NDH->BTNH", h, attn["q_einsum"]["w"])
   k, v = jnp.einsum("BSD,CKDH->CBSKH", h, attn["kv_einsum"]["w"])
   q = rope(q, positions, cfg.rope_base) * jnp.asarray(cfg.query_scale, q.dtype)
-  k = rope(k, positions, cfg.rope_base)
-  cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), write_index, axis=1)
-  cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), write_index, axis=1)
-  o = attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask, cfg.attn_logits_softcap)
-  o = jnp.einsum("BTNH,NHD->BTD", o, attn["attn_vec_einsum"]["w"])
+  return q, rope(k, positions, cfg.rope_base), v
+
+
+def _finish(p, x, o, cfg: TextConfig):
+  """Attention output projection, residual, MLP, residual. x [B, T, D]; o [B, T, N, H] -> [B, T, D]."""
+  o = jnp.einsum("BTNH,NHD->BTD", o, p["attn"]["attn_vec_einsum"]["w"])
   if cfg.post_norms:
     o = rms_norm(o, p["post_attention_norm"]["scale"])
   x = x + o
@@ -86,7 +97,7 @@ def _block(p, x, positions, mask, cache_k, cache_v, write_index, cfg: TextConfig
   m = jnp.einsum("BTF,FD->BTD", jax.nn.gelu(gate, approximate=True) * up, p["mlp"]["linear"])
   if cfg.post_norms:
     m = rms_norm(m, p["post_ffw_norm"]["scale"])
-  return x + m, cache_k, cache_v
+  return x + m
 
 
 def attention_mask(q_pos, k_pos, k_valid, k_visible, cfg: TextConfig, layer_sliding):
@@ -98,20 +109,52 @@ def attention_mask(q_pos, k_pos, k_valid, k_visible, cfg: TextConfig, layer_slid
   return mask
 
 
-def forward(params, x, positions, k_pos, k_valid, k_visible, cache, write_index, cfg: TextConfig):
-  """Runs the decoder layers.
+def _sliding_layers(cfg: TextConfig):
+  return jnp.arange(cfg.depth) % 2 == 0  # HF Gemma 2: even layers use the local window
 
-  x [B, T, D] new embeddings; positions int [B, T]; k_pos int [B, S], k_valid bool [B, S] describe every
-  cache slot (after this call's writes); k_visible bool [B, T, S]; cache (k, v) each [L, B, S, K, H].
-  Returns (hidden [B, T, D] before the final norm, updated cache).
+
+def forward(params, x, positions, valid, visible, cfg: TextConfig):
+  """The full pass (logits, prefill): T positions attending to each other.
+
+  x [B, T, D]; positions int [B, T]; valid bool [B, T] (False for padding); visible bool [B, T, T]
+  (prefix-LM / causal). Returns (hidden [B, T, D] before the final norm, (k, v) each [L, B, T, K, H]).
   """
-  sliding = (jnp.arange(cfg.depth) % 2 == 0)  # HF Gemma 2: even layers use the local window
-
   def body(x, layer):
-    p, ck, cv, layer_sliding = layer
-    mask = attention_mask(positions, k_pos, k_valid, k_visible, cfg, layer_sliding)
-    x, ck, cv = _block(p, x, positions, mask, ck, cv, write_index, cfg)
-    return x, (ck, cv)
+    p, layer_sliding = layer
+    q, k, v = _qkv(p, x, positions, cfg)
+    mask = attention_mask(positions, positions, valid, visible, cfg, layer_sliding)
+    return _finish(p, x, attend(q, k, v, mask, cfg.attn_logits_softcap), cfg), (k, v)
 
-  x, cache = jax.lax.scan(body, x, (params["layers"], cache[0], cache[1], sliding), unroll=cfg.unroll)
-  return x, cache
+  return jax.lax.scan(body, x, (params["layers"], _sliding_layers(cfg)), unroll=cfg.unroll)
+
+
+def decode(params, x, pos, prefix, gen, j, cfg: TextConfig):
+  """One new position per row, attending to the prefix and to new tokens 0..j.
+
+  x [B, 1, D]; pos int [B, 1]; prefix = (k, v each [L, B, S0, K, H], k_pos int [B, S0], k_valid bool [B, S0]),
+  read only; gen = (k, v each [L, B, N, K, H], k_pos int [B, N]): this call writes its keys at slot j in place
+  (the caches are carried through the layer loop, never copied) and masks slots > j.
+  Returns (hidden [B, 1, D], (gen k, gen v)).
+  """
+  prefix_k, prefix_v, prefix_pos, prefix_valid = prefix
+  gen_k, gen_v, gen_pos = gen
+  b, n = gen_pos.shape
+  always = jnp.ones((b, 1, 1), bool)
+  gen_valid = jnp.broadcast_to(jnp.arange(n) <= j, (b, n))
+
+  def body(carry, layer):
+    x, gen_k, gen_v = carry
+    p, pk, pv, l, layer_sliding = layer
+    q, k, v = _qkv(p, x, pos, cfg)
+    gen_k = jax.lax.dynamic_update_slice(gen_k, k[None].astype(gen_k.dtype), (l, 0, j, 0, 0))
+    gen_v = jax.lax.dynamic_update_slice(gen_v, v[None].astype(gen_v.dtype), (l, 0, j, 0, 0))
+    gk = jax.lax.dynamic_index_in_dim(gen_k, l, keepdims=False)
+    gv = jax.lax.dynamic_index_in_dim(gen_v, l, keepdims=False)
+    masks = (attention_mask(pos, prefix_pos, prefix_valid, always, cfg, layer_sliding),
+             attention_mask(pos, gen_pos, gen_valid, always, cfg, layer_sliding))
+    o = attend_blocks(q, ((pk, pv, masks[0]), (gk, gv, masks[1])), cfg.attn_logits_softcap)
+    return (_finish(p, x, o, cfg), gen_k, gen_v), None
+
+  layers = (params["layers"], prefix_k, prefix_v, jnp.arange(cfg.depth), _sliding_layers(cfg))
+  (x, gen_k, gen_v), _ = jax.lax.scan(body, (x, gen_k, gen_v), layers, unroll=cfg.unroll)
+  return x, (gen_k, gen_v)

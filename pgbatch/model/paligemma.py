@@ -26,12 +26,6 @@ def encode_images(params, images, cfg: PaliGemmaConfig):
   return siglip.encode(params["img"], images, cfg.vision)
 
 
-def _empty_cache(cfg: PaliGemmaConfig, batch: int, slots: int, dtype):
-  t = cfg.text
-  shape = (t.depth, batch, slots, t.num_kv_heads, t.head_dim)
-  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-
-
 def text_logits(params, images, tokens, prefix_len, cfg: PaliGemmaConfig):
   """Full forward. images [B, R, R, 3]; tokens int [B, T]; prefix_len int [B] text tokens in the prefix.
 
@@ -45,55 +39,59 @@ def text_logits(params, images, tokens, prefix_len, cfg: PaliGemmaConfig):
   pos = jnp.broadcast_to(jnp.arange(s), (b, s))
   in_prefix = pos < (p + prefix_len)[:, None]                                   # [B, S]
   visible = in_prefix[:, None, :] | (pos[:, None, :] <= pos[:, :, None])        # [B, T, S]
-  cache = _empty_cache(cfg, b, s, x.dtype)
-  h, _ = gemma.forward(llm, x, pos, pos, jnp.ones((b, s), bool), visible, cache, 0, cfg.text)
+  h, _ = gemma.forward(llm, x, pos, jnp.ones((b, s), bool), visible, cfg.text)
   return gemma.logits(llm, h[:, p:], cfg.text)
 
 
 class DecodeState(NamedTuple):
-  """What a greedy step reads and writes. cache (k, v) each [L, B, S, K, H]; k_pos int [B, S] and k_valid
-  bool [B, S] describe every slot; gen_pos int [B, N] the positions of the N new tokens; s0 = P + T."""
-  cache: tuple
-  k_pos: jax.Array
-  k_valid: jax.Array
+  """What a greedy step reads and writes.
+
+  prefix_k/v [L, B, S0, K, H] (S0 = P + T; written by `prefill`, read only after), prefix_pos int [B, S0],
+  prefix_valid bool [B, S0]; gen_k/v [L, B, N, K, H] the new tokens' keys (token j written at slot j by the
+  step that feeds it), gen_pos int [B, N] their positions (P + length + j).
+  """
+  prefix_k: jax.Array
+  prefix_v: jax.Array
+  prefix_pos: jax.Array
+  prefix_valid: jax.Array
+  gen_k: jax.Array
+  gen_v: jax.Array
   gen_pos: jax.Array
 
 
 def prefill(params, zimg, tokens, lengths, *, cfg: PaliGemmaConfig, max_new_tokens: int):
   """The bidirectional prefix pass. zimg [B, P, D]; tokens int32 [B, T]; lengths int32 [B].
 
-  Returns (first-token logits float32 [B, V], DecodeState with the prefix written into the cache).
+  Returns (first-token logits float32 [B, V], DecodeState holding the prefix's keys/values).
   """
   llm, tcfg = params["llm"], cfg.text
   b, p = zimg.shape[:2]
   t = tokens.shape[1]
   s0 = p + t
-  slots = s0 + max_new_tokens
   x = jnp.concatenate([zimg, gemma.embed(llm, tokens).astype(zimg.dtype)], axis=1)
   prefix_pos = jnp.broadcast_to(jnp.arange(s0), (b, s0))
-  gen_pos = p + lengths[:, None] + jnp.arange(max_new_tokens)                    # [B, max_new]
-  k_pos = jnp.concatenate([prefix_pos, gen_pos], axis=1)                         # [B, S]
   prefix_valid = jnp.concatenate([jnp.ones((b, p), bool), jnp.arange(t) < lengths[:, None]], axis=1)
-  k_valid = jnp.concatenate([prefix_valid, jnp.zeros((b, max_new_tokens), bool)], axis=1)
-  cache = _empty_cache(cfg, b, slots, x.dtype)
-  h, cache = gemma.forward(llm, x, prefix_pos, k_pos, k_valid, jnp.ones((b, s0, slots), bool),
-                           cache, 0, tcfg)
+  h, (k, v) = gemma.forward(llm, x, prefix_pos, prefix_valid, jnp.ones((b, s0, s0), bool), tcfg)
   last = jnp.take_along_axis(h, (p + lengths - 1)[:, None, None], axis=1)        # [B, 1, D]
-  return gemma.logits(llm, last, tcfg)[:, 0], DecodeState(cache, k_pos, k_valid, gen_pos)
+  gen_shape = (tcfg.depth, b, max_new_tokens, tcfg.num_kv_heads, tcfg.head_dim)
+  gen_pos = p + lengths[:, None] + jnp.arange(max_new_tokens)                    # [B, N]
+  state = DecodeState(k, v, prefix_pos, prefix_valid, jnp.zeros(gen_shape, k.dtype), jnp.zeros(gen_shape, v.dtype),
+                      gen_pos)
+  return gemma.logits(llm, last, tcfg)[:, 0], state
 
 
 def decode_step(params, token, i, state: DecodeState, *, cfg: PaliGemmaConfig):
-  """Feeds new token i - 1 (int32 [B]) at its slot. Returns (logits float32 [B, V], state)."""
+  """Feeds new token j = i - 1 (int32 [B]) at its position; its keys go to slot j of the new-token cache.
+
+  Returns (logits float32 [B, V] for token i, state).
+  """
   llm, tcfg = params["llm"], cfg.text
-  b, slots = state.k_valid.shape
-  s0 = slots - state.gen_pos.shape[1]
-  slot = s0 + i - 1
-  k_valid = state.k_valid.at[:, slot].set(True)
-  x = gemma.embed(llm, token[:, None]).astype(state.cache[0].dtype)
-  pos = jax.lax.dynamic_slice_in_dim(state.gen_pos, i - 1, 1, axis=1)            # [B, 1]
-  h, cache = gemma.forward(llm, x, pos, state.k_pos, k_valid, jnp.ones((b, 1, slots), bool),
-                           state.cache, slot, tcfg)
-  return gemma.logits(llm, h, tcfg)[:, 0], state._replace(cache=cache, k_valid=k_valid)
+  j = i - 1
+  x = gemma.embed(llm, token[:, None]).astype(state.prefix_k.dtype)               # [B, 1, D]
+  pos = jax.lax.dynamic_slice_in_dim(state.gen_pos, j, 1, axis=1)                # [B, 1]
+  prefix = (state.prefix_k, state.prefix_v, state.prefix_pos, state.prefix_valid)
+  h, (gen_k, gen_v) = gemma.decode(llm, x, pos, prefix, (state.gen_k, state.gen_v, state.gen_pos), j, tcfg)
+  return gemma.logits(llm, h, tcfg)[:, 0], state._replace(gen_k=gen_k, gen_v=gen_v)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_at_eos"))
