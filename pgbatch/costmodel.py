@@ -74,7 +74,8 @@ def programs(cfg, batch: int, prompt_len: int, new_tokens: int, dtype, mesh) -> 
   import jax
   import jax.numpy as jnp
   from pgbatch.engine import _encode_uint8
-  from pgbatch.model import PROMPT_BUCKETS, _bucket, paligemma
+  from pgbatch.model import paligemma
+  from pgbatch.model.replica import PROMPT_BUCKETS, _bucket
   params = abstract_params(cfg, dtype, mesh)
   t = _bucket(prompt_len, PROMPT_BUCKETS)
   r, p, d = cfg.image_size, cfg.num_image_tokens, cfg.text.width
@@ -285,7 +286,7 @@ def analyze(variant: str, batch: int, target: str = "cpu", new_tokens: int = 20,
 
 
 def _prompt_bucket(prompt_len: int) -> int:
-  from pgbatch.model import PROMPT_BUCKETS, _bucket
+  from pgbatch.model.replica import PROMPT_BUCKETS, _bucket
   return _bucket(prompt_len, PROMPT_BUCKETS)
 
 
