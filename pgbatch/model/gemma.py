@@ -40,14 +40,18 @@ def logits(params, x, cfg: TextConfig):
   return out
 
 
-def rope(x, positions, base: float):
-  """Rotary embedding, split-halves convention. x [B, T, N, H], positions int [B, T]."""
-  h = x.shape[-1]
-  timescale = base ** (2 * jnp.arange(h // 2, dtype=jnp.float32) / h)
-  rad = positions[..., None].astype(jnp.float32) / timescale          # [B, T, H/2]
-  sin, cos = jnp.sin(rad)[:, :, None], jnp.cos(rad)[:, :, None]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+def rope_tables(positions, head_dim: int, base: float):
+  """sin, cos float32 [B, T, 1, H/2] for positions int [B, T]: computed once per pass, shared by every layer."""
+  timescale = base ** (2 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim)
+  rad = positions[..., None].astype(jnp.float32) / timescale                     # [B, T, H/2]
+  return jnp.sin(rad)[:, :, None], jnp.cos(rad)[:, :, None]
+
+
+def rope(x, tables):
+  """Rotary embedding, split-halves convention, in x's dtype (as transformers). x [B, T, N, H]."""
+  sin, cos = (t.astype(x.dtype) for t in tables)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def attend(q, k, v, mask, softcap: float):
@@ -76,14 +80,15 @@ def attend_blocks(q, blocks, softcap: float):
   return out.reshape(b, t, n, h)
 
 
-def _qkv(p, x, positions, cfg: TextConfig):
-  """Pre-norm projections. x [B, T, D] -> q [B, T, N, H] (roped, scaled), k/v [B, T, K, H] (k roped)."""
+def _qkv(p, x, tables, cfg: TextConfig):
+  """Pre-norm projections. x [B, T, D]; tables from `rope_tables`.
+  Returns q [B, T, N, H] (roped, scaled), k/v [B, T, K, H] (k roped)."""
   attn = p["attn"]
   h = rms_norm(x, p["pre_attention_norm"]["scale"])
   q = jnp.einsum("BTD,NDH->BTNH", h, attn["q_einsum"]["w"])
   k, v = jnp.einsum("BSD,CKDH->CBSKH", h, attn["kv_einsum"]["w"])
-  q = rope(q, positions, cfg.rope_base) * jnp.asarray(cfg.query_scale, q.dtype)
-  return q, rope(k, positions, cfg.rope_base), v
+  q = rope(q, tables) * jnp.asarray(cfg.query_scale, q.dtype)
+  return q, rope(k, tables), v
 
 
 def _finish(p, x, o, cfg: TextConfig):
@@ -119,11 +124,17 @@ def forward(params, x, positions, valid, visible, cfg: TextConfig):
   x [B, T, D]; positions int [B, T]; valid bool [B, T] (False for padding); visible bool [B, T, T]
   (prefix-LM / causal). Returns (hidden [B, T, D] before the final norm, (k, v) each [L, B, T, K, H]).
   """
+  tables = rope_tables(positions, cfg.head_dim, cfg.rope_base)
+
   def body(x, layer):
     p, layer_sliding = layer
-    q, k, v = _qkv(p, x, positions, cfg)
+    q, k, v = _qkv(p, x, tables, cfg)
     mask = attention_mask(positions, positions, valid, visible, cfg, layer_sliding)
-    return _finish(p, x, attend(q, k, v, mask, cfg.attn_logits_softcap), cfg), (k, v)
+    if cfg.attn_logits_softcap:  # Gemma 2: the soft-cap needs the scores, which fused attention never forms
+      o = attend(q, k, v, mask, cfg.attn_logits_softcap)
+    else:
+      o = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=1.0)  # q is already scaled
+    return _finish(p, x, o, cfg), (k, v)
 
   return jax.lax.scan(body, x, (params["layers"], _sliding_layers(cfg)), unroll=cfg.unroll)
 
@@ -141,11 +152,12 @@ def decode(params, x, pos, prefix, gen, j, cfg: TextConfig):
   b, n = gen_pos.shape
   always = jnp.ones((b, 1, 1), bool)
   gen_valid = jnp.broadcast_to(jnp.arange(n) <= j, (b, n))
+  tables = rope_tables(pos, cfg.head_dim, cfg.rope_base)
 
   def body(carry, layer):
     x, gen_k, gen_v = carry
     p, pk, pv, l, layer_sliding = layer
-    q, k, v = _qkv(p, x, pos, cfg)
+    q, k, v = _qkv(p, x, tables, cfg)
     gen_k = jax.lax.dynamic_update_slice(gen_k, k[None].astype(gen_k.dtype), (l, 0, j, 0, 0))
     gen_v = jax.lax.dynamic_update_slice(gen_v, v[None].astype(gen_v.dtype), (l, 0, j, 0, 0))
     gk = jax.lax.dynamic_index_in_dim(gen_k, l, keepdims=False)

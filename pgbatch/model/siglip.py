@@ -26,10 +26,7 @@ def _attention(p, x, num_heads: int):
   q = jnp.einsum("BPW,WNH->BPNH", x, p["query"]["kernel"]) + p["query"]["bias"]
   k = jnp.einsum("BPW,WNH->BPNH", x, p["key"]["kernel"]) + p["key"]["bias"]
   v = jnp.einsum("BPW,WNH->BPNH", x, p["value"]["kernel"]) + p["value"]["bias"]
-  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  s = jnp.einsum("BPNH,BQNH->BNPQ", q, k, preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  o = jnp.einsum("BNPQ,BQNH->BPNH", probs, v)
+  o = jax.nn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)  # fused where the backend has it
   return jnp.einsum("BPNH,NHW->BPW", o, p["out"]["kernel"]) + p["out"]["bias"]
 
 
