@@ -45,8 +45,41 @@ def task_summary(value: Any) -> str:
   return f"{found}" + (f" ({errs} parse error{'s' * (errs != 1)})" if errs else "")
 
 
-def summarize(output_uri: str, rows: int = 3, storage_options: Optional[dict] = None) -> dict:
-  """A JSON-able report of an output (see the module doc)."""
+def exactly_once(output_uri: str, input_uri: str, input_format: str, storage_options: Optional[dict] = None,
+                 input_storage_options: Optional[dict] = None) -> dict:
+  """Checks the promise "every input image exactly once" of an output against its input listing:
+    duplicate_keys   (shard, key) — or for image files the image URI — held by more than one committed row
+    missing          listed images (image files) or input shards (tar / Parquet) no committed shard holds
+    changed_shards   committed shards whose input object changed since their commit (size/generation/etag)
+  Reads the key columns of every committed file (a full pass over the output's keys, not its data)."""
+  import collections
+  from pgbatch.io import readers, resume, sink as sink_lib
+  committed = sink_lib.Sink(output_uri, None, storage_options).committed()
+  images = input_format == "images"
+  seen: collections.Counter = collections.Counter()
+  for e in committed.values():
+    t = read_file(e["file"], ["shard", "key", "source_uri"], storage_options)
+    if images:
+      seen.update(u for u in t.column("source_uri").to_pylist() if u)
+    else:
+      seen.update(zip(t.column("shard").to_pylist(), t.column("key").to_pylist()))
+  dups = [{"source": k, "count": n} if images else {"shard": k[0], "key": k[1], "count": n}
+          for k, n in sorted(seen.items()) if n > 1]
+  shards = readers.list_shards(input_uri, input_format, storage_options=input_storage_options)
+  if images:
+    missing = sorted({u for s in shards for u in s.uris} - sink_lib.committed_sources(committed, storage_options))
+  else:
+    missing = [s.id for s in shards if s.id not in committed]
+  work = resume.plan(input_format, shards, committed, 1000, storage_options=storage_options)
+  return {"input": input_uri, "format": input_format, "duplicate_keys": dups, "missing": missing,
+          "changed_shards": [{"shard": sid, "fields": f} for sid, f in work.changed],
+          "ok": not dups and not missing and not work.changed}
+
+
+def summarize(output_uri: str, rows: int = 3, storage_options: Optional[dict] = None,
+              input_uri: Optional[str] = None, input_format: Optional[str] = None,
+              input_storage_options: Optional[dict] = None) -> dict:
+  """A JSON-able report of an output (see the module doc); with the job's input, also `exactly_once`."""
   from pgbatch import schema as schema_lib, tasks as tasks_lib
   from pgbatch.io import sink as sink_lib
   entries = sink_lib.read_manifest(output_uri, storage_options)
@@ -68,6 +101,9 @@ def summarize(output_uri: str, rows: int = 3, storage_options: Optional[dict] = 
       "runs": len(runs - {None}), "uncommitted_files": [s.uri(p) for p in stale], "tasks": [],
       "error_examples": [], "safety": {}, "samples": [],
   }
+  if input_uri:
+    report["exactly_once"] = exactly_once(output_uri, input_uri, input_format or "webdataset", storage_options,
+                                          input_storage_options)
   if not entries:
     return report
   first = read_file(entries[0]["file"], storage_options=storage_options)
@@ -125,6 +161,19 @@ def format_report(rep: dict) -> str:
       for k, v in s.items():
         if k not in ("key", "status", "size", "source_uri", "safety"):
           lines.append(f"      {k}: {v}")
+  eo = rep.get("exactly_once")
+  if eo:
+    what = "images" if eo["format"] == "images" else "input shards"
+    lines.append("exactly once: " + ("yes, every listed input is in the output once" if eo["ok"] else "NO"))
+    if eo["duplicate_keys"]:
+      lines.append(f"  {len(eo['duplicate_keys'])} key(s) in more than one row, e.g. {eo['duplicate_keys'][0]}")
+    if eo["missing"]:
+      lines.append(f"  {len(eo['missing'])} listed {what} not in the output (run the job to add them), e.g.:")
+      lines += [f"    {u}" for u in eo["missing"][:5]]
+    if eo["changed_shards"]:
+      lines.append(f"  {len(eo['changed_shards'])} shard(s) changed in the input since their commit "
+                   "(pgbatch run --redo-changed):")
+      lines += [f"    {c['shard']} ({', '.join(c['fields'])})" for c in eo["changed_shards"][:5]]
   if rep["uncommitted_files"]:
     lines.append(f"WARNING: {len(rep['uncommitted_files'])} file(s) without a valid manifest entry (a run in "
                  "progress or killed; the next run removes and redoes them):")

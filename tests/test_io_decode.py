@@ -141,7 +141,7 @@ def test_truncated_png_and_corrupt_data():
 def test_decode_batch_contract(samples):
   keys = [k for k, _, _ in samples] + ["read_failed"]
   datas = [d for _, d, _ in samples] + [None]
-  read_err = json.dumps({"stage": "read", "type": "NoImageMember", "message": "m"})
+  read_err = {"stage": "read", "type": "NoImageMember", "message": "m"}
   batch = {
       "key": np.array(keys, object), "image_bytes": np.array(datas, object),
       "status": np.array(["ok"] * len(samples) + ["error"], object),
@@ -163,7 +163,7 @@ def test_decode_batch_contract(samples):
       assert out["error"][i] is None and (out["width"][i], out["height"][i]) == EXPECTED_SIZES[k]
       assert out["pixels"][i].any()
     else:
-      e = json.loads(out["error"][i])
+      e = out["error"][i]
       assert e == {"stage": "decode", "type": EXPECTED_ERROR_TYPES[k], "message": e["message"]} and e["message"]
       assert not out["pixels"][i].any()
   # the input batch is not modified
@@ -176,10 +176,10 @@ def test_bad_shard_read_then_decode(tmp_path, samples):
   from pgbatch.io import readers
   path = bad_images.write_webdataset(str(tmp_path / "bad.tar"), samples)
   rows = readers.read_shard(readers.Shard(path, (path,)), "webdataset")
-  assert all(r["shard_rows"] == len(samples) for r in rows)
+  assert all(r["_shard_rows"] == len(samples) for r in rows)
   cols = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
   out = decode_batch(cols, SIZE)
-  got = {k: (s, json.loads(e)["type"] if e else None) for k, s, e in zip(out["key"], out["status"], out["error"])}
+  got = {k: (s, e["type"] if e else None) for k, s, e in zip(out["key"], out["status"], out["error"])}
   assert len(got) == len(rows) == len(samples)
   for key, _, status in samples:
     assert got[key] == (status, EXPECTED_ERROR_TYPES.get(key)), key
@@ -235,7 +235,7 @@ def test_decode_budget_refuses_a_16_bit_bomb_before_decoding(tmp_path):
   assert len(data) < 400_000
   (tmp_path / "bomb.png").write_bytes(data)
   script = (
-      "import resource, sys, numpy as np\n"
+      "import json, resource, sys, numpy as np\n"
       "from pgbatch.io.decode import decode_batch\n"
       "data = open(sys.argv[1], 'rb').read()\n"
       "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
@@ -244,7 +244,7 @@ def test_decode_budget_refuses_a_16_bit_bomb_before_decoding(tmp_path):
       "                   max_decoded_bytes=64 << 20)\n"
       "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
       "print(out['status'][0], out['width'][0], out['height'][0], out['sha256'][0] is not None)\n"
-      "print(out['error'][0])\n"
+      "print(json.dumps(out['error'][0]))\n"
       "print((after - before) * 1024)\n")
   p = subprocess.run([sys.executable, "-c", script, str(tmp_path / "bomb.png")], capture_output=True, text=True,
                      timeout=120, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))

@@ -16,7 +16,7 @@ from PIL import Image
 from pgbatch.io import readers
 from pgbatch.io.readers import InputError, Shard, list_shards, read_shard
 
-ROW_KEYS = {"key", "shard", "source_uri", "image_bytes", "metadata", "status", "error", "shard_rows"}
+ROW_KEYS = {"key", "shard", "source_uri", "image_bytes", "metadata", "status", "error", "_shard_rows"}
 
 
 def png(color=(255, 0, 0), size=(4, 3)) -> bytes:
@@ -51,16 +51,16 @@ WDS_MEMBERS = [
     ("nojpg.json", b'{"only": "sidecar"}'),     # sample without an image
     ("c.webp", IMG_C), ("c.npy", b"\x93NUMPY"),  # .npy is neither image nor sidecar: ignored
     ("a.jpg", IMG_B),                            # key "a" again later: a duplicate sample
-    ("d.JPEG", IMG_C), ("d.jpg", IMG_A),         # first image member wins, upper-case ext ok
+    ("d.JPEG", IMG_C), ("d.jpg", IMG_A),         # two images in one sample: a row each, upper-case ext ok
     ("./e.png", IMG_A),                          # "./" prefix (tar cf x.tar ./) is not part of the key
 ]
 
 
 def wds_rows_check(rows: list[dict], shard_id: str, tar_uri: str) -> None:
   by_key = {r["key"]: r for r in rows}
-  assert [r["key"] for r in rows] == ["a", "sub/b", "nojpg", "c", "a#dup1", "d", "e"]
+  assert [r["key"] for r in rows] == ["a", "sub/b", "nojpg", "c", "a#dup1", "d.jpeg", "d.jpg", "e"]
   assert all(set(r) == ROW_KEYS for r in rows)
-  assert all(r["shard"] == shard_id and r["shard_rows"] == 7 for r in rows)
+  assert all(r["shard"] == shard_id and r["_shard_rows"] == 8 for r in rows)
   a = by_key["a"]
   assert a["status"] == "ok" and a["error"] is None and a["image_bytes"] == IMG_A
   assert a["source_uri"] == f"{tar_uri}#a.jpg"
@@ -71,12 +71,13 @@ def wds_rows_check(rows: list[dict], shard_id: str, tar_uri: str) -> None:
   no = by_key["nojpg"]
   assert no["status"] == "error" and no["image_bytes"] is None
   assert json.loads(no["metadata"]) == {"json": {"only": "sidecar"}}
-  err = json.loads(no["error"])
+  err = no["error"]
   assert err["stage"] == "read" and err["type"] == "NoImageMember" and "nojpg" in err["message"]
   assert by_key["c"]["image_bytes"] == IMG_C and by_key["c"]["metadata"] == "{}"
   dup = by_key["a#dup1"]
-  assert dup["status"] == "error" and json.loads(dup["error"])["type"] == "DuplicateKey"
-  assert by_key["d"]["image_bytes"] == IMG_C and by_key["d"]["source_uri"].endswith("#d.JPEG")
+  assert dup["status"] == "error" and dup["error"]["type"] == "DuplicateKey"
+  assert by_key["d.jpeg"]["image_bytes"] == IMG_C and by_key["d.jpeg"]["source_uri"].endswith("#d.JPEG")
+  assert by_key["d.jpg"]["image_bytes"] == IMG_A and by_key["d.jpg"]["source_uri"].endswith("#d.jpg")
 
 
 @pytest.fixture(scope="module")
@@ -141,16 +142,16 @@ def test_webdataset_truncated_missing_garbage_empty(tmp_path):
   (tmp_path / "t.tar").write_bytes(full[:cut])
   rows = read_shard(Shard("t", (str(tmp_path / "t.tar"),)), "webdataset")
   assert [(r["key"], r["status"]) for r in rows] == [("a", "ok"), ("b", "ok"), ("c", "error")]
-  e = json.loads(rows[-1]["error"])
+  e = rows[-1]["error"]
   assert e["stage"] == "read" and e["type"] == "ReadError" and "t.tar" in e["message"]
-  assert all(r["shard_rows"] == 3 for r in rows)
+  assert all(r["_shard_rows"] == 3 for r in rows)
   # the same through gzip: a cut .tar.gz also keeps what precedes the cut and ends in one error row
   noise = [np.random.default_rng(i).bytes(30_000) for i in range(4)]  # incompressible: the cut lands late
   gz = gzip.compress(tar_bytes([(f"n{i}.png", b) for i, b in enumerate(noise)]), mtime=0)
   (tmp_path / "t.tar.gz").write_bytes(gz[:len(gz) - 40])
   rows = read_shard(Shard("z", (str(tmp_path / "t.tar.gz"),)), "webdataset")
   assert [(r["key"], r["status"]) for r in rows] == [("n0", "ok"), ("n1", "ok"), ("n2", "ok"), ("n3", "error")]
-  assert rows[0]["image_bytes"] == noise[0] and json.loads(rows[-1]["error"])["stage"] == "read"
+  assert rows[0]["image_bytes"] == noise[0] and rows[-1]["error"]["stage"] == "read"
   # cut exactly at a member boundary (no end-of-archive blocks): tarfile alone would end silently
   bound = tar_bytes([("a.png", IMG_A), ("b.png", IMG_B)])
   cut = 512 + (len(IMG_A) + 511) // 512 * 512  # header + padded data of a.png
@@ -158,7 +159,7 @@ def test_webdataset_truncated_missing_garbage_empty(tmp_path):
   (tmp_path / "b.tar").write_bytes(full[:cut])
   rows = read_shard(Shard("b", (str(tmp_path / "b.tar"),)), "webdataset")
   assert [(r["key"], r["status"]) for r in rows] == [("a", "error")]
-  assert "end-of-archive" in json.loads(rows[0]["error"])["message"]
+  assert "end-of-archive" in rows[0]["error"]["message"]
   # garbage where the second header should be
   (tmp_path / "x.tar").write_bytes(full[:cut] + b"\x07" * 2048)
   rows = read_shard(Shard("x", (str(tmp_path / "x.tar"),)), "webdataset")
@@ -170,15 +171,15 @@ def test_webdataset_truncated_missing_garbage_empty(tmp_path):
   # not a tar at all
   (tmp_path / "g.tar").write_bytes(b"garbage" * 200)
   (row,) = read_shard(Shard("g", (str(tmp_path / "g.tar"),)), "webdataset")
-  assert row["key"] == "__shard__" and json.loads(row["error"])["stage"] == "read"
+  assert row["key"] == "__shard__" and row["error"]["stage"] == "read"
   # missing file (deleted after listing)
   (row,) = read_shard(Shard("m", (str(tmp_path / "missing.tar"),)), "webdataset")
-  assert row["key"] == "__shard__" and json.loads(row["error"])["type"] == "FileNotFoundError"
+  assert row["key"] == "__shard__" and row["error"]["type"] == "FileNotFoundError"
   # a valid empty tar still yields one row, so the driver sees the shard complete
   (tmp_path / "e.tar").write_bytes(tar_bytes([]))
   (row,) = read_shard(Shard("e", (str(tmp_path / "e.tar"),)), "webdataset")
-  assert row["key"] == "__shard__" and json.loads(row["error"])["type"] == "EmptyShard"
-  assert row["shard_rows"] == 1
+  assert row["key"] == "__shard__" and row["error"]["type"] == "EmptyShard"
+  assert row["_shard_rows"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ def test_parquet_binary_column_metadata(tmp_path):
   assert rows[0]["image_bytes"] == IMG_A and rows[2]["image_bytes"] == IMG_C
   assert rows[0]["source_uri"] == f"{p}#row0"
   assert json.loads(rows[0]["metadata"]) == {"caption": "red", "n": 1, "when": "2024-05-01T12:00:00+00:00"}
-  assert json.loads(rows[1]["error"])["type"] == "MissingImage"
+  assert rows[1]["error"]["type"] == "MissingImage"
   # no key column configured: zero-padded row numbers
   rows = read_shard(Shard(p, (p,)), "parquet", key_column=None)
   assert [r["key"] for r in rows] == ["000000", "000001", "000002"]
@@ -223,7 +224,7 @@ def test_parquet_hf_struct_and_external_paths(tmp_path):
   assert rows[0]["image_bytes"] == IMG_B
   assert rows[1]["image_bytes"] == IMG_A  # bytes null: read from the path, relative to the parquet file
   assert rows[1]["source_uri"] == f"{p}#row1"
-  e = json.loads(rows[2]["error"])
+  e = rows[2]["error"]
   assert e["stage"] == "read" and e["type"] == "FileNotFoundError" and "nowhere.png" in e["message"]
   assert json.loads(rows[0]["metadata"]) == {"label": 0, "image_path": "b.png"}
   assert json.loads(rows[1]["metadata"]) == {"label": 1}
@@ -233,7 +234,7 @@ def test_parquet_bad_files(tmp_path):
   write_parquet_files(lambda n, t: pq.write_table(t, tmp_path / n))
   p = str(tmp_path / "noimage.parquet")
   (row,) = read_shard(Shard(p, (p,)), "parquet")
-  e = json.loads(row["error"])
+  e = row["error"]
   assert row["key"] == "__shard__" and e["stage"] == "read" and "'image'" in e["message"] and "pixels" in e["message"]
   good = (tmp_path / "binary.parquet").read_bytes()
   (tmp_path / "cut.parquet").write_bytes(good[:len(good) // 2])
@@ -250,7 +251,7 @@ def test_parquet_many_row_groups(tmp_path):
   t = pa.table({"key": [f"k{i:04d}" for i in range(n)], "image": [IMG_A] * n})
   pq.write_table(t, tmp_path / "big.parquet", row_group_size=100)
   rows = read_shard(Shard("b", (str(tmp_path / "big.parquet"),)), "parquet")
-  assert [r["key"] for r in rows] == t["key"].to_pylist() and rows[0]["shard_rows"] == n
+  assert [r["key"] for r in rows] == t["key"].to_pylist() and rows[0]["_shard_rows"] == n
   # a directory of parquet: "_"/"." files and folders (Spark/pyarrow dataset convention) are not shards
   (tmp_path / "_temporary").mkdir()
   pq.write_table(t, tmp_path / "_temporary" / "part-0.parquet")
@@ -288,7 +289,7 @@ def test_images_chunked_per_directory(tmp_path):
   os.unlink(tmp_path / "b" / "img1.png")
   rows = read_shard(shards[-1], "images")
   assert [(r["key"], r["status"]) for r in rows] == [("img1.png", "error")]
-  assert json.loads(rows[0]["error"])["type"] == "FileNotFoundError" and rows[0]["shard_rows"] == 1
+  assert rows[0]["error"]["type"] == "FileNotFoundError" and rows[0]["_shard_rows"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -334,6 +335,92 @@ def test_gcs_all_formats(gcs, tmp_path):
   assert rows[2]["image_bytes"] == png((0, 0, 2))
 
   (row,) = read_shard(Shard("gone", (f"{g}/wds/missing.tar",)), "webdataset")
-  assert row["key"] == "__shard__" and json.loads(row["error"])["type"] == "FileNotFoundError"
+  assert row["key"] == "__shard__" and row["error"]["type"] == "FileNotFoundError"
   with pytest.raises(InputError):
     list_shards(f"{g}/nothing/*.tar", "webdataset")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every member accounted for
+
+
+def _special(name: str, type_: bytes, linkname: str = "") -> tarfile.TarInfo:
+  info = tarfile.TarInfo(name)
+  info.type, info.linkname, info.mtime = type_, linkname, 0
+  return info
+
+
+def test_every_tar_member_is_a_row(tmp_path):
+  """Hard links read their target; symlinks, FIFOs, devices are error rows; frames of one sample and two
+  image formats of one key are a row each, keyed by member; a link to nothing is an error row."""
+  buf = io.BytesIO()
+  with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+    def add(name, data):
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+    add("orig.png", IMG_A)
+    tar.addfile(_special("copy.png", tarfile.LNKTYPE, "orig.png"))        # GNU tar: second name of a file
+    tar.addfile(_special("lnk.png", tarfile.SYMTYPE, "/etc/passwd"))
+    tar.addfile(_special("pipe.jpg", tarfile.FIFOTYPE))
+    tar.addfile(_special("dev.jpg", tarfile.CHRTYPE))
+    add("frame.0001.png", IMG_B)
+    add("frame.0002.png", IMG_C)
+    add("frame.json", b'{"clip": 7}')
+    add("x.jpg", IMG_A)
+    add("x.png", IMG_B)
+    tar.addfile(_special("gone.png", tarfile.LNKTYPE, "never-there.png"))
+  (tmp_path / "t.tar").write_bytes(buf.getvalue())
+  rows = read_shard(Shard("t", (str(tmp_path / "t.tar"),)), "webdataset")
+  got = {r["key"]: r for r in rows}
+  assert sorted(got) == sorted(["orig", "copy", "lnk", "pipe", "dev", "frame.0001.png", "frame.0002.png",
+                                "x.jpg", "x.png", "gone"]) and len(rows) == len(got)
+  assert got["copy"]["status"] == "ok" and got["copy"]["image_bytes"] == IMG_A
+  for k in ("lnk", "pipe", "dev"):
+    assert got[k]["status"] == "error" and got[k]["error"]["type"] == "UnsupportedMember", got[k]
+  assert "not followed" in got["lnk"]["error"]["message"] and got["lnk"]["image_bytes"] is None
+  assert got["gone"]["error"]["type"] == "BrokenHardLink"
+  assert got["frame.0001.png"]["image_bytes"] == IMG_B and got["frame.0002.png"]["image_bytes"] == IMG_C
+  assert json.loads(got["frame.0002.png"]["metadata"]) == {"json": {"clip": 7}}   # the sample's sidecars, shared
+  assert got["frame.0001.png"]["source_uri"].endswith("#frame.0001.png")
+  assert got["x.jpg"]["image_bytes"] == IMG_A and got["x.png"]["image_bytes"] == IMG_B
+
+
+def test_null_parquet_keys_never_take_a_real_key(tmp_path):
+  p = str(tmp_path / "k.parquet")
+  pq.write_table(pa.table({"key": ["#row1", None, "000002", None],
+                           "image": [IMG_A, IMG_B, IMG_C, IMG_A]}), p)
+  rows = read_shard(Shard(p, (p,)), "parquet")
+  assert [r["key"] for r in rows] == ["#row1", "#row1#", "000002", "#row3"]
+  assert all(r["status"] == "ok" for r in rows)
+
+
+def test_listing_takes_what_the_decoder_opens_and_counts_what_it_skips(tmp_path, caplog):
+  for name in ("a.avif", "b.jfif", "c.jpe", "d.jp2", "e.ppm", "f.qoi", "g.JPG", "notes.txt", "h.tga", ".i.png"):
+    (tmp_path / name).write_bytes(b"x")
+  with caplog.at_level("WARNING", logger="pgbatch.io.readers"):
+    fs, found, skipped = readers.list_inputs(str(tmp_path), "images")
+  assert [os.path.basename(p) for p in found] == ["a.avif", "b.jfif", "c.jpe", "d.jp2", "e.ppm", "f.qoi", "g.JPG"]
+  assert skipped == {"not an image extension": 2, "hidden": 1}
+  assert "skipped 3 listed file(s): 1 hidden, 2 not an image extension" in caplog.text
+  from pgbatch.io import decode
+  assert set(readers.IMAGE_EXTENSIONS) == set(decode.image_extensions()) >= {"jpg", "png", "webp", "avif"}
+
+
+def test_image_shards_leave_out_done_images_and_keep_ids_stable(tmp_path):
+  uris = [f"/d/{n}.jpg" for n in ("a", "b", "c", "d", "e")] + ["/e/z.jpg"]
+  first = readers.image_shards(uris, 2)
+  assert [s.id for s in first] == ["/d/a.jpg+2", "/d/c.jpg+2", "/d/e.jpg+1", "/e/z.jpg+1"]
+  assert readers.image_shards(uris, 2) == first                       # deterministic
+  done = {u for s in first for u in s.uris}
+  grown = uris + ["/d/0.jpg", "/d/bb.jpg", "/d/f.jpg"]
+  again = readers.image_shards(grown, 2, done)
+  assert [s.uris for s in again] == [("/d/0.jpg", "/d/bb.jpg"), ("/d/f.jpg",)]
+  assert not {s.id for s in again} & {s.id for s in first}
+
+
+def test_tar_and_parquet_shards_carry_their_object_version(local):
+  shards = list_shards(str(local / "wds"), "webdataset")
+  assert all(s.version["size"] > 0 and "mtime" in s.version for s in shards)
+  assert readers.version_changed({"size": 1, "mtime": 2.0}, {"size": 1, "mtime": 3.0}) == ["mtime"]
+  assert readers.version_changed({"size": 1, "generation": "5"}, {"size": 1, "generation": "5", "etag": "x"}) == []

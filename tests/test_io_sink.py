@@ -15,6 +15,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from pgbatch import rows
 from pgbatch import schema as schema_mod
 from pgbatch import schema_docs
 from pgbatch.io import sink as sink_mod
@@ -30,12 +31,13 @@ def schema():
 
 
 def shard_table(shard: str, n: int = 3) -> pa.Table:
-  """Rows in reverse key order (the sink sorts), one decode error as JSON text (the sink makes it a struct)."""
+  """Rows in reverse key order (the sink sorts), one decode error (the `rows.error` struct)."""
   keys = [f"{shard}-{i:02d}" for i in range(n)][::-1]
-  err = json.dumps({"stage": "decode", "type": "TruncatedImageError", "message": "cut"})
+  err = rows.error("decode", "TruncatedImageError", "cut")
   return pa.table({
       "key": keys, "shard": [shard] * n, "source_uri": [f"{shard}#{k}.jpg" for k in keys],
-      "status": ["error"] + ["ok"] * (n - 2) + ["filtered"], "error": [err] + [None] * (n - 1),
+      "status": ["error"] + ["ok"] * (n - 2) + ["filtered"],
+      "error": pa.array([err] + [None] * (n - 1), rows.ERROR_TYPE),
       "width": pa.array([640] * n, pa.int64()), "height": [480] * n, "sha256": ["ab" * 32] * n,
       "caption_en": pa.array([None] + [{"text": f"cap {k}", "prompt": "caption en", "num_tokens": 3,
                                          "truncated": False} for k in keys[1:]],

@@ -161,7 +161,7 @@ def check_rows(rows: list[dict], allowed_http: bool) -> None:
     if key == "http_redirect" and allowed_http:  # fetched, but the redirect is not followed: no image
       assert r["status"] == "ok" and r["image_bytes"] == b"", r
       continue
-    err = json.loads(r["error"])
+    err = r["error"]
     assert (r["status"], err["stage"], err["type"]) == ("error", "read", "ForbiddenSource"), (key, r)
     assert r["image_bytes"] is None
     blob = json.dumps(r, default=repr)

@@ -306,10 +306,11 @@ def test_local_resources_checked_before_waiting_for_actors():
   placement.check_local_resources(gpu, {"CPU": 16.0, "GPU": 1.0})
 
 
-def test_model_that_fails_to_load_in_the_actors_fails_the_run_and_writes_nothing(ray_session, tmp_path, capsys):
-  """A checkpoint whose headers read fine but whose data is corrupt (one flipped byte: zip CRC) passes the
-  driver's checks and fails in the annotate actors: the run must end (not hang) with exit 1, a message that
-  names the problem, and no committed shard."""
+def test_corrupt_model_fails_before_ray_and_in_the_actors_with_exit_2(ray_session, tmp_path, capsys, monkeypatch):
+  """A checkpoint whose headers read fine but whose data is corrupt (one flipped byte: zip CRC) fails the
+  driver's preflight (every tensor read once): exit 2, one line naming the problem, nothing written. When it
+  still fails only in the annotate actors (here: the preflight skipped), the run ends (does not hang) with the
+  same exit 2 and message, never "rerun to resume" (a rerun would fail the same way)."""
   ckpt, tok = H.tiny_model(tmp_path / "model")
   data = bytearray(open(ckpt, "rb").read())
   data[len(data) // 2] ^= 0xFF
@@ -320,12 +321,18 @@ def test_model_that_fails_to_load_in_the_actors_fails_the_run_and_writes_nothing
                fast_safety=True)
   spec["resources"].update(init_retries=0, init_backoff_s=0, wait_for_actors_s=120)
   (tmp_path / "job.yaml").write_text(json.dumps(spec))
-  assert cli.main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 1
+  assert cli.main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 2
+  captured = capsys.readouterr()
+  (line,) = captured.err.strip().splitlines()
+  assert line.startswith("pgbatch run: fails: cannot load the model: ") and "CRC mismatch" in line, captured.err
+  from pgbatch.pipeline import driver
+  monkeypatch.setattr(driver, "verify_model", lambda spec: None)
+  assert cli.main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 2
   captured = capsys.readouterr()
   assert "in 0/1 shards" in captured.out, captured.out
-  assert "1 shard(s) not written" in captured.err and "rerun the same command to resume" in captured.err
   last = captured.err.strip().splitlines()[-1]
-  assert last.startswith("pgbatch run: fails: ") and "CRC mismatch" in last, captured.err[-2000:]
+  assert last.startswith("pgbatch run: fails: cannot load the model: ") and "CRC mismatch" in last, captured.err
+  assert "rerun" not in captured.err
   assert not list((tmp_path / "out").glob("*.parquet")) and not list((tmp_path / "out").glob("_manifest/*"))
 
 

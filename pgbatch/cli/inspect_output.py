@@ -14,14 +14,30 @@ def register(parser) -> None:
   parser.add_argument("--html", metavar="REPORT.html",
                       help="also write a self-contained HTML contact sheet (thumbnails with boxes, masks, texts)")
   parser.add_argument("--html-rows", type=int, default=200, help="rows shown in the HTML report (default 200)")
+  parser.add_argument("--job", metavar="JOB.yaml",
+                      help="the job spec that wrote OUTPUT: also check its input exactly once (duplicate keys, "
+                           "listed images not in the output, changed shards)")
 
 
 def main(args) -> int:
   from pgbatch.inspection import format_report, summarize
+  job = {}
+  if args.job:
+    from pgbatch import config
+    try:
+      spec = config.load(args.job)
+    except config.JobSpecError as e:
+      print(str(e), file=sys.stderr)
+      return 2
+    job = dict(input_uri=spec.input.uri, input_format=spec.input.format,
+               input_storage_options=dict(spec.input.storage_options) or None)
   try:
-    rep = summarize(args.output, rows=args.rows)
+    rep = summarize(args.output, rows=args.rows, **job)
   except FileNotFoundError as e:
     print(f"pgbatch inspect: {args.output}: not found ({e})", file=sys.stderr)
+    return 2
+  except ValueError as e:   # readers.InputError: the job's input lists nothing
+    print(f"pgbatch inspect: {args.output}: {e}", file=sys.stderr)
     return 2
   print(json.dumps(rep, indent=1, default=str) if args.json else format_report(rep))
   if args.html and rep["shards"]:

@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pgbatch.io.readers import error_json
+from pgbatch import rows
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,13 @@ def decoded_bytes(im: Image.Image) -> int:
 def _formats() -> tuple[str, ...]:
   Image.init()
   return tuple(f for f in FORMATS if f in Image.OPEN)
+
+
+def image_extensions() -> tuple[str, ...]:
+  """File extensions (lowercase, no dot) PIL registers for the formats decode_image opens: exactly what a
+  `format: images` listing and a WebDataset sample take as image files."""
+  allowed = set(_formats())
+  return tuple(sorted({e.lstrip(".").lower() for e, f in Image.registered_extensions().items() if f in allowed}))
 
 
 def _magic(data: bytes) -> str:
@@ -216,7 +223,8 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int = DEFA
   """Reader columns -> the same columns plus
     pixels uint8 [B, size, size, 3] (zeros where decoding failed), width/height int32 [B] (-1 unknown),
     sha256 object [B] (hex digest of image_bytes, None when there are no bytes).
-  Rows that fail get status "error" and an error JSON with stage "decode"; rows already in error pass through."""
+  Rows that fail get status "error" and an error struct (`rows.error`) with stage "decode"; rows already in
+  error pass through."""
   n = len(batch["key"])
   pixels = np.zeros((n, size, size, 3), np.uint8)
   width = np.full((n,), -1, np.int32)
@@ -234,7 +242,7 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int = DEFA
       pixels[i], width[i], height[i] = decode_image(data, size, max_pixels, max_decoded_bytes)
     except DecodeError as e:
       status[i] = "error"
-      error[i] = error_json("decode", e.type_, str(e))
+      error[i] = rows.error("decode", e.type_, str(e))
       width[i], height[i] = e.width, e.height
   out = dict(batch)
   out.update(pixels=pixels, width=width, height=height, sha256=sha, status=status, error=error)

@@ -16,8 +16,8 @@ Row (every key present in every row):
   image_bytes: bytes | None
   metadata: str       JSON object (WebDataset sidecars by extension, other Parquet columns); "{}" if none
   status: str         "ok" | "error"
-  error: str | None   JSON {"stage", "type", "message"} when status is "error"
-  shard_rows: int     number of rows read_shard returned for this shard
+  error: dict | None  `pgbatch.rows.error` struct {"stage", "type", "message"} when status is "error"
+  _shard_rows: int    number of rows read_shard returned for this shard (rows.SHARD_ROWS)
 """
 from __future__ import annotations
 
@@ -35,12 +35,14 @@ from typing import Any, Iterator
 
 import fsspec
 
+from pgbatch import rows as rows_lib
 from pgbatch.fsutil import is_local
+from pgbatch.io import decode
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("webdataset", "parquet", "images")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "tif", "tiff", "bmp")
+IMAGE_EXTENSIONS = decode.image_extensions()   # = what the decoder opens (jpg, png, webp, avif, jp2, qoi, ...)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 # WebDataset members whose text goes into `metadata` (under their extension); .json is parsed.
@@ -60,22 +62,49 @@ class InputError(ValueError):
   """The input spec itself is wrong (nothing matched, unknown format): raised on the driver, before Ray."""
 
 
+class InputColumnError(InputError):
+  """The input's columns do not fit the spec (image column missing or of a type the reader cannot take)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Shard:
   id: str                 # stable identity: the file URI (webdataset/parquet) or "<first file URI>+<n>" (images)
   uris: tuple[str, ...]   # files to read (one for tar/parquet)
+  # the listed object's identity (size, generation, etag, mtime: what the store reports), for tar/parquet
+  version: dict | None = dataclasses.field(default=None, compare=False)
 
 
-def error_json(stage: str, type_: str, message: str) -> str:
-  """The `error` cell of a row: JSON object {stage, type, message}."""
-  return json.dumps({"stage": stage, "type": type_, "message": message}, separators=(",", ":"))
+VERSION_KEYS = ("size", "generation", "etag", "mtime")
+
+
+def object_version(info: dict) -> dict:
+  """What identifies one version of a listed object: size plus generation / etag / mtime where the store has
+  them (GCS: generation and etag; S3: etag; local: mtime)."""
+  out = {}
+  for k in VERSION_KEYS:
+    v = info.get(k, info.get("ETag") if k == "etag" else info.get("LastModified") if k == "mtime" else None)
+    if v is not None:
+      out[k] = int(v) if k == "size" else (float(v) if k == "mtime" and isinstance(v, (int, float)) else str(v))
+  return out
+
+
+def version_changed(recorded: dict | None, current: dict | None) -> list[str]:
+  """The version fields both sides have that differ (empty: unchanged, or nothing to compare)."""
+  if not recorded or not current:
+    return []
+  return [k for k in VERSION_KEYS if k in recorded and k in current and recorded[k] != current[k]]
+
+
+def read_error(type_: str, message: str) -> dict:
+  """The error struct of a row the reader could not produce an image for (stage "read")."""
+  return rows_lib.error("read", type_, message)
 
 
 def make_row(key: str, shard: str, source_uri: str, image_bytes: bytes | None = None, metadata: str = "{}",
-             error: str | None = None) -> dict:
-  """One reader row; status is derived from `error`. shard_rows is filled in by read_shard."""
+             error: dict | None = None) -> dict:
+  """One reader row; status is derived from `error`. rows.SHARD_ROWS is filled in by read_shard."""
   return {"key": key, "shard": shard, "source_uri": source_uri, "image_bytes": image_bytes, "metadata": metadata,
-          "status": "error" if error else "ok", "error": error, "shard_rows": 0}
+          "status": "error" if error else "ok", "error": error, rows_lib.SHARD_ROWS: 0}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,68 +143,104 @@ def expand_braces(pattern: str) -> list[str]:
   return [head + a + t for a in alts for t in expand_braces(tail)]
 
 
-def _wanted(path: str, fmt: str, root: str = "") -> bool:
-  """Whether a listed file belongs to the input: the format's extension, not hidden ("." anywhere under
-  `root`), and for Parquet not "_"-prefixed (_SUCCESS, _metadata, ... as pyarrow/Spark datasets ignore them).
-  Image files starting with "_" (e.g. cameras' "_DSC0001.JPG") are kept."""
+def _skip_reason(path: str, fmt: str, root: str = "") -> str | None:
+  """Why a listed file is not part of the input (None: it is): hidden ("." anywhere under `root`), for Parquet
+  "_"-prefixed (_SUCCESS, _metadata, ... as pyarrow/Spark datasets ignore them), or not the format's
+  extension. Image files starting with "_" (e.g. cameras' "_DSC0001.JPG") are kept."""
   rel = path[len(root):] if root and path.startswith(root) else posixpath.basename(path)
   parts = [x for x in rel.split("/") if x]
-  skip = (".", "_") if fmt == "parquet" else (".",)
-  if any(x.startswith(skip) for x in parts):
-    return False
+  if any(x.startswith(".") for x in parts):
+    return "hidden"
+  if fmt == "parquet" and any(x.startswith("_") for x in parts):
+    return "'_'-prefixed"
   name = posixpath.basename(path).lower()
-  if fmt == "webdataset":
-    return name.endswith(TAR_SUFFIXES)
-  if fmt == "parquet":
-    return name.endswith(PARQUET_SUFFIXES)
-  return name.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
+  if fmt == "webdataset" and not name.endswith(TAR_SUFFIXES):
+    return "not a tar"
+  if fmt == "parquet" and not name.endswith(PARQUET_SUFFIXES):
+    return "not .parquet"
+  if fmt == "images" and name.rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS:
+    return "not an image extension"
+  return None
+
+
+def _wanted(path: str, fmt: str, root: str = "") -> bool:
+  return _skip_reason(path, fmt, root) is None
+
+
+def list_inputs(uri: str, fmt: str, storage_options: dict | None = None
+                ) -> tuple[fsspec.AbstractFileSystem, dict[str, dict], dict[str, int]]:
+  """(fs, path -> object version, skip reason -> count) of the files a URI names (see `list_files`). A listing
+  that skipped files logs how many and why."""
+  if fmt not in FORMATS:
+    raise InputError(f"input.format: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+  fs, _ = _fs(uri, storage_options)
+  found: dict[str, dict] = {}
+  skipped: dict[str, int] = {}
+
+  def take(p: str, info: dict, root: str | None) -> None:
+    why = None if root is None else _skip_reason(p, fmt, root)
+    if why is None:
+      found[p] = object_version(info)
+    else:
+      skipped[why] = skipped.get(why, 0) + 1
+
+  for pat in expand_braces(uri):
+    _, path = _fs(pat, storage_options)
+    if any(c in path for c in "*?["):
+      for p, info in fs.glob(path, detail=True).items():
+        if info.get("type") != "directory":
+          # An explicit glob is taken as given for tar/parquet; for loose image files, skip non-image files.
+          take(p, info, "" if fmt == "images" else None)
+    elif fs.isdir(path):
+      for p, info in fs.find(path, detail=True).items():
+        take(p, info, path.rstrip("/") + "/")
+    elif fs.exists(path):
+      take(path, fs.info(path), None)
+  if skipped:
+    log.warning("input %s: skipped %d listed file(s): %s", uri, sum(skipped.values()),
+                ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
+  return fs, dict(sorted(found.items())), skipped
 
 
 def list_files(uri: str, fmt: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem,
                                                                                    list[str]]:
   """Files a URI names: a glob (fsspec: *, **, ?, [..]; plus WebDataset braces), a directory (every file of
   the format under it, recursively), or one file. Sorted, duplicates removed."""
-  if fmt not in FORMATS:
-    raise InputError(f"input.format: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-  fs, _ = _fs(uri, storage_options)
-  found: set[str] = set()
-  for pat in expand_braces(uri):
-    _, path = _fs(pat, storage_options)
-    if any(c in path for c in "*?["):
-      matched = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"]
-      # An explicit glob is taken as given for tar/parquet; for loose image files, skip non-image files.
-      found.update(p for p in matched if fmt != "images" or _wanted(p, fmt))
-    elif fs.isdir(path):
-      found.update(p for p in fs.find(path) if _wanted(p, fmt, path.rstrip("/") + "/"))
-    elif fs.exists(path):
-      found.add(path)
-  return fs, sorted(found)
+  fs, found, _ = list_inputs(uri, fmt, storage_options)
+  return fs, list(found)
 
 
 def list_shards(uri: str, format: str, *, files_per_shard: int = 1000,  # pylint: disable=redefined-builtin
-                storage_options: dict | None = None) -> list[Shard]:
+                storage_options: dict | None = None, done: frozenset[str] | set[str] = frozenset()) -> list[Shard]:
   """Shards of an input URI, sorted and deterministic. Raises InputError when nothing matches.
 
-  webdataset / parquet: one shard per file, id = the file URI.
-  images: the files of each directory, sorted, in chunks of `files_per_shard`; id = "<first file URI>+<n>".
-  (Chunks are per directory so that adding files to one directory does not renumber the others.)
+  webdataset / parquet: one shard per file, id = the file URI, `version` = its listed object version.
+  images: the files of each directory not in `done` (image URIs an earlier run committed), sorted, in chunks
+  of `files_per_shard`; id = "<first file URI>+<n>". Chunks are per directory, and only of files not done, so
+  files added later (sorting anywhere) form new shards with new ids: committed shards are never redone.
   """
   if files_per_shard < 1:
     raise InputError(f"files_per_shard: must be >= 1, got {files_per_shard}")
-  fs, files = list_files(uri, format, storage_options)
-  if not files:
+  fs, found, _ = list_inputs(uri, format, storage_options)
+  if not found:
     what = {"webdataset": "tar shards", "parquet": "parquet files", "images": "image files"}.get(format, "files")
     raise InputError(f"input.uri: {uri!r} matched no {what} (format {format})")
   if format != "images":
-    return [Shard(to_uri(fs, p), (to_uri(fs, p),)) for p in files]
+    return [Shard(to_uri(fs, p), (to_uri(fs, p),), v) for p, v in found.items()]
+  return image_shards([to_uri(fs, p) for p in found], files_per_shard, done)
+
+
+def image_shards(uris: list[str], files_per_shard: int, done: frozenset[str] | set[str] = frozenset()) -> list[Shard]:
+  """Image file URIs not in `done`, grouped per directory (sorted) into shards of `files_per_shard`."""
   by_dir: dict[str, list[str]] = {}
-  for p in files:
-    by_dir.setdefault(posixpath.dirname(p), []).append(p)
+  for u in sorted(uris):
+    if u not in done:
+      by_dir.setdefault(posixpath.dirname(u), []).append(u)
   shards = []
   for d in sorted(by_dir):
-    ps = by_dir[d]
-    for i in range(0, len(ps), files_per_shard):
-      chunk = tuple(to_uri(fs, p) for p in ps[i:i + files_per_shard])
+    us = by_dir[d]
+    for i in range(0, len(us), files_per_shard):
+      chunk = tuple(us[i:i + files_per_shard])
       shards.append(Shard(f"{chunk[0]}+{len(chunk)}", chunk))
   return shards
 
@@ -198,10 +263,24 @@ def read_shard(shard: Shard, format: str, *, image_column: str = "image",  # pyl
     raise InputError(f"input.format: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
   if not rows:  # a valid but empty shard still gets one row, so that the driver can see it complete
     uri = shard.uris[0] if len(shard.uris) == 1 else shard.id
-    rows = [make_row(SHARD_KEY, shard.id, uri, error=error_json("read", "EmptyShard", f"{uri} holds no samples"))]
-  rows = dedupe_keys(rows)
+    rows = [make_row(SHARD_KEY, shard.id, uri, error=read_error("EmptyShard", f"{uri} holds no samples"))]
+  rows = dedupe_keys(fill_null_keys(rows))
   for r in rows:
-    r["shard_rows"] = len(rows)
+    r[rows_lib.SHARD_ROWS] = len(rows)
+  return rows
+
+
+def fill_null_keys(rows: list[dict]) -> list[dict]:
+  """Rows whose key column is null get "#row<N>" (N: the row number in the file), with "#" appended until it
+  is no key of the shard: a fallback never takes a real key's place."""
+  taken = {r["key"] for r in rows if r["key"] is not None}
+  for r in rows:
+    if r["key"] is None:
+      key = "#" + r["source_uri"].rsplit("#", 1)[-1]
+      while key in taken:
+        key += "#"
+      taken.add(key)
+      r["key"] = key
   return rows
 
 
@@ -223,14 +302,14 @@ def dedupe_keys(rows: list[dict]) -> list[dict]:
     seen[k] = n
     taken.add(new)
     r.update(key=new, image_bytes=None, status="error",
-             error=error_json("read", "DuplicateKey", f"key {k!r} occurs more than once in the shard; "
+             error=read_error("DuplicateKey", f"key {k!r} occurs more than once in the shard; "
                               f"this later occurrence is kept as {new!r}"))
   return rows
 
 
 def _shard_error(shard: Shard, uri: str, e: BaseException, key: str = SHARD_KEY, what: str = "reading") -> dict:
   log.warning("shard %s: error %s %s: %r", shard.id, what, uri, e)
-  return make_row(key, shard.id, uri, error=error_json("read", type(e).__name__, f"{what} {uri}: {e}"))
+  return make_row(key, shard.id, uri, error=read_error(type(e).__name__, f"{what} {uri}: {e}"))
 
 
 def _open(uri: str, storage_options: dict | None):
@@ -266,16 +345,54 @@ def _sidecar(ext: str, data: bytes) -> Any:
 
 
 class _Sample:
-  def __init__(self, key: str):
-    self.key, self.image, self.image_member, self.meta, self.exts = key, None, None, {}, set()
+  """Members of one WebDataset sample: its image members (bytes, or a read error for a member that is not a
+  regular file) and its sidecars."""
 
-  def row(self, shard: Shard, uri: str) -> dict:
+  def __init__(self, key: str):
+    self.key, self.meta, self.exts = key, {}, set()
+    self.images: list[tuple[str, str, bytes | None, dict | None]] = []   # (ext, member, bytes, error)
+
+  def rows(self, shard: Shard, uri: str) -> list[dict]:
+    """One row per image member. A sample with one image is keyed by the sample key; with several (frames
+    "k.0001.png", "k.0002.png", or "k.jpg" + "k.png") each row is keyed "<key>.<ext>", which no sample key can
+    be (a sample key has no dot in its last path part). A sample without image gives one error row."""
     meta = json.dumps(self.meta, sort_keys=True, ensure_ascii=False, default=_json_default)
-    if self.image is None:
-      return make_row(self.key, shard.id, f"{uri}#{self.key}", None, meta,
-                      error_json("read", "NoImageMember", f"sample {self.key!r} has no member with an image "
-                                 f"extension ({', '.join(IMAGE_EXTENSIONS)}); members: {sorted(self.exts)}"))
-    return make_row(self.key, shard.id, f"{uri}#{self.image_member}", self.image, meta)
+    if not self.images:
+      return [make_row(self.key, shard.id, f"{uri}#{self.key}", None, meta,
+                       read_error("NoImageMember", f"sample {self.key!r} has no member with an image "
+                                  f"extension ({', '.join(IMAGE_EXTENSIONS)}); members: {sorted(self.exts)}"))]
+    single = len(self.images) == 1
+    return [make_row(self.key if single else f"{self.key}.{ext}", shard.id, f"{uri}#{member}", data, meta, err)
+            for ext, member, data, err in self.images]
+
+
+def _special_member(m: tarfile.TarInfo) -> str | None:
+  """What a tar member that is neither a regular file nor a hard link nor a directory is (None otherwise)."""
+  if m.issym():
+    return f"symbolic link to {m.linkname!r} (links are not followed)"
+  if m.isfifo():
+    return "FIFO"
+  if m.ischr() or m.isblk():
+    return "device file"
+  if m.isfile() or m.islnk() or m.isdir():
+    return None
+  return f"tar member of type {m.type!r}"
+
+
+def _member_bytes(tar: tarfile.TarFile, m: tarfile.TarInfo, seen: dict[str, bytes]) -> bytes | dict:
+  """A regular member's bytes, or a hard link's target's bytes (an earlier member: GNU tar stores a second
+  name of a file as a link to the first), or the read error of a link whose target was not read."""
+  if m.islnk():
+    target = posixpath.normpath(m.linkname.lstrip("/"))
+    if target in seen:
+      return seen[target]
+    return read_error("BrokenHardLink", f"member {m.name!r} is a hard link to {m.linkname!r}, which is not an "
+                      "earlier regular member of the archive")
+  data = tar.extractfile(m).read()
+  if len(data) != m.size:
+    raise tarfile.ReadError(f"member {m.name!r} truncated ({len(data)} of {m.size} bytes)")
+  seen[posixpath.normpath(m.name.lstrip("/"))] = data
+  return data
 
 
 class _Raw:
@@ -370,7 +487,9 @@ def _check_end(tar: tarfile.TarFile, rec: _Recorder, last: str | None) -> None:
 def read_webdataset(shard: Shard, storage_options: dict | None = None) -> Iterator[dict]:
   """Streams a tar (optionally gzip/bz2/xz compressed); consecutive members with the same key form a sample; a
   member whose extension the current sample already has starts a new sample (a duplicate key, flagged by
-  dedupe_keys). A tar that is cut short or garbled anywhere (also between members) ends in an error row."""
+  dedupe_keys). Every image member gives a row (see `_Sample.rows`); hard links read their target's bytes;
+  symlinks, FIFOs and devices are never read and give error rows. A tar that is cut short or garbled anywhere
+  (also between members) ends in an error row."""
   uri = shard.uris[0]
   cur: _Sample | None = None
   last = None
@@ -379,23 +498,28 @@ def read_webdataset(shard: Shard, storage_options: dict | None = None) -> Iterat
       raw = _Raw(f)
       rec = _Recorder(_decompressing(raw), raw)
       with tarfile.open(fileobj=rec, mode="r|") as tar:
+        seen: dict[str, bytes] = {}   # member name -> bytes read (hard link targets); the rows hold them anyway
         for m in tar:
           last = m.name
-          if not m.isfile():
-            continue
-          if posixpath.basename(m.name).startswith("."):  # hidden files, macOS "._x" resource forks
+          if m.isdir() or posixpath.basename(m.name).startswith("."):  # hidden: macOS "._x" resource forks
             continue
           key, ext = split_member(m.name)
           if cur is None or key != cur.key or ext in cur.exts:
             if cur is not None:
-              yield cur.row(shard, uri)
+              yield from cur.rows(shard, uri)
             cur = _Sample(key)
           cur.exts.add(ext)
-          data = tar.extractfile(m).read()
-          if len(data) != m.size:
-            raise tarfile.ReadError(f"member {m.name!r} truncated ({len(data)} of {m.size} bytes)")
-          if _is_image_ext(ext) and cur.image is None:
-            cur.image, cur.image_member = data, m.name
+          special = _special_member(m)
+          if special is not None:  # never read: an error row of its own, in place of an image
+            cur.images.append((ext, m.name, None, read_error("UnsupportedMember", f"member {m.name!r} is a "
+                                                             f"{special}; only regular files are read")))
+            continue
+          data = _member_bytes(tar, m, seen)
+          if _is_image_ext(ext):
+            err = data if isinstance(data, dict) else None
+            cur.images.append((ext, m.name, None if err else data, err))
+          elif isinstance(data, dict):
+            cur.images.append((ext, m.name, None, data))
           elif ext in SIDECAR_EXTENSIONS or ext.rsplit(".", 1)[-1] in SIDECAR_EXTENSIONS:
             cur.meta[ext] = _sidecar(ext, data)
         _check_end(tar, rec, last)
@@ -405,7 +529,7 @@ def read_webdataset(shard: Shard, storage_options: dict | None = None) -> Iterat
     yield _shard_error(shard, uri, e, key=key)
     return
   if cur is not None:
-    yield cur.row(shard, uri)
+    yield from cur.rows(shard, uri)
 
 
 # -- Parquet
@@ -453,6 +577,28 @@ def _image_getter(field_type, column: str, uri: str):
                   "path: string> (Hugging Face datasets Image) or string (a path/URL per row)")
 
 
+def check_parquet_input(shard: Shard, image_column: str, storage_options: dict | None = None) -> None:
+  """Before any work: the first Parquet shard has the image column, of a type the reader takes. A wrong column
+  name or type would otherwise make every shard one error row. Raises InputColumnError naming the field."""
+  uri = shard.uris[0]
+  try:
+    pf, f = _open_parquet(uri, storage_options)
+  except DATA_ERRORS + (_arrow_error(),):
+    return   # an unreadable file is that shard's own error row, not a job-level mistake
+  try:
+    names = pf.schema_arrow.names
+    if image_column not in names:
+      raise InputColumnError(f"input.image_column: no column {image_column!r} in {uri} (columns: "
+                             f"{', '.join(names)})")
+    try:
+      _image_getter(pf.schema_arrow.field(image_column).type, image_column, uri)
+    except TypeError as e:
+      raise InputColumnError(f"input.image_column: {e}") from None
+  finally:
+    if f is not None:
+      f.close()
+
+
 def _read_source_row(key: str, shard: Shard, path: str, roots: tuple[str, ...] | None, storage_options: dict | None,
                      meta: str, source_uri: str) -> dict:
   """The row for an image cell that holds only a path: read if `sources.confine` allows it, else an error row
@@ -461,7 +607,7 @@ def _read_source_row(key: str, shard: Shard, path: str, roots: tuple[str, ...] |
   try:
     target = sources.confine(path, shard.uris[0], roots or (sources.input_root(shard.uris[0]),))
   except sources.ForbiddenSource as e:
-    return make_row(key, shard.id, source_uri, None, meta, error_json("read", "ForbiddenSource", str(e)))
+    return make_row(key, shard.id, source_uri, None, meta, read_error("ForbiddenSource", str(e)))
   opts = sources.storage_options_for(target, shard.uris[0], storage_options)
   return _read_file_row(key, shard, target, opts, meta, source_uri=source_uri)
 
@@ -492,7 +638,7 @@ def read_parquet(shard: Shard, image_column: str = "image", key_column: str | No
       cols = batch.to_pydict()
       for i in range(batch.num_rows):
         k = cols[use_key][i] if use_key else None
-        key = str(index).zfill(width) if k is None else str(k)
+        key = (str(index).zfill(width) if not use_key else None) if k is None else str(k)  # None: fill_null_keys
         src = f"{uri}#row{index}"
         meta = json.dumps({c: cols[c][i] for c in meta_cols}, sort_keys=True, ensure_ascii=False,
                           default=_json_default)
@@ -504,7 +650,7 @@ def read_parquet(shard: Shard, image_column: str = "image", key_column: str | No
           yield _read_source_row(key, shard, path, roots, storage_options, meta, src)
         elif data is None:
           yield make_row(key, shard.id, src, None, meta,
-                         error_json("read", "MissingImage", f"row {index - 1}: column {image_column!r} is null"))
+                         read_error("MissingImage", f"row {index - 1}: column {image_column!r} is null"))
         else:
           yield make_row(key, shard.id, src, bytes(data), meta)
   except DATA_ERRORS + (_arrow_error(),) as e:
@@ -528,7 +674,7 @@ def _read_file_row(key: str, shard: Shard, uri: str, storage_options: dict | Non
       data = f.read()
   except DATA_ERRORS as e:
     return make_row(key, shard.id, source_uri or uri, None, meta,
-                    error_json("read", type(e).__name__, f"reading {uri}: {e}"))
+                    read_error(type(e).__name__, f"reading {uri}: {e}"))
   return make_row(key, shard.id, source_uri or uri, data, meta)
 
 
@@ -550,7 +696,7 @@ def read_images(shard: Shard, storage_options: dict | None = None) -> Iterator[d
     for u, p, data in zip(shard.uris, paths, pool.map(lambda p: _cat(fs, p), paths)):
       key = posixpath.basename(p)
       if isinstance(data, DATA_ERRORS):
-        yield make_row(key, shard.id, u, None, error=error_json("read", type(data).__name__, f"reading {u}: {data}"))
+        yield make_row(key, shard.id, u, None, error=read_error(type(data).__name__, f"reading {u}: {data}"))
       elif isinstance(data, BaseException):
         raise data  # transient: let Ray retry the task
       else:

@@ -48,7 +48,8 @@ _DATA_NAME = re.compile(r"^.+-[0-9a-f]{12}\.parquet$")
 _SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".parquet", ".pq")
 # Entry keys the sink computes; caller stats cannot override them.
 _OWN_KEYS = ("shard", "file", "name", "rows", "ok", "error", "filtered", "errors", "size", "generation",
-             "schema_version", "pgbatch_version", "manifest_version", "committed_at", "write_seconds")
+             "schema_version", "pgbatch_version", "manifest_version", "committed_at", "write_seconds", "sources",
+             "input")
 
 
 def output_name(shard_id: str) -> str:
@@ -72,19 +73,6 @@ def _version() -> str:
   return __version__
 
 
-def _error_struct(col: pa.ChunkedArray, target: pa.DataType) -> pa.Array:
-  """A JSON-string error column (as the reader/decoder emit it) -> the schema's error struct."""
-  vals = []
-  for s in col.to_pylist():
-    if s is None:
-      vals.append(None)
-      continue
-    try:
-      d = json.loads(s) if isinstance(s, str) else dict(s)
-    except ValueError:
-      d = {"stage": None, "type": None, "message": str(s)}
-    vals.append({f.name: (None if d.get(f.name) is None else str(d.get(f.name))) for f in target})
-  return pa.array(vals, type=target)
 
 
 def conform(table: pa.Table, schema: pa.Schema | None, what: str = "table") -> pa.Table:
@@ -95,10 +83,7 @@ def conform(table: pa.Table, schema: pa.Schema | None, what: str = "table") -> p
     for f in schema:
       if f.name in table.column_names:
         col = table[f.name]
-        if f.name == "error" and pa.types.is_struct(f.type) and (pa.types.is_string(col.type)
-                                                                 or pa.types.is_large_string(col.type)):
-          col = _error_struct(col, f.type)
-        elif col.type != f.type:
+        if col.type != f.type:
           try:
             col = col.cast(f.type)
           except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
@@ -127,11 +112,6 @@ def _counts(table: pa.Table) -> tuple[dict, dict]:
   if "error" in table.column_names:
     for s, e in zip(status, table["error"].to_pylist()):
       if s == "error" and e is not None:
-        if isinstance(e, str):
-          try:
-            e = json.loads(e)
-          except ValueError:
-            e = {}
         reasons[f"{e.get('stage')}/{e.get('type')}"] += 1
   return counts, dict(sorted(reasons.items()))
 
@@ -251,6 +231,19 @@ class Sink:
     self.fs.invalidate_cache(self.root)
     return [self.uri(p) for p in stale]
 
+  def probe_writable(self) -> None:
+    """Writes and deletes a probe object under the output (before any work); `errors.OutputError` naming
+    output.uri if that fails."""
+    from pgbatch.errors import OutputError  # pylint: disable=g-import-not-at-top
+    path = self._p(f"_probe-{uuid.uuid4().hex[:12]}")
+    try:
+      if self.local:
+        os.makedirs(self.root, exist_ok=True)
+      self.fs.pipe_file(path, b"pgbatch write probe")
+      self.fs.rm_file(path)
+    except Exception as e:  # noqa: BLE001 - any backend's permission / not-found / read-only error
+      raise OutputError(f"output.uri: cannot write to {self.output_uri}: {type(e).__name__}: {e}") from None
+
   # -- writing
 
   def _put_local(self, final: str, write) -> None:
@@ -292,9 +285,12 @@ class Sink:
       self.fs.pipe_file(path, body)
     self.fs.invalidate_cache(self._p(MANIFEST_DIR))
 
-  def commit_shard(self, shard_id: str, table: pa.Table, stats: dict | None = None) -> str:
+  def commit_shard(self, shard_id: str, table: pa.Table, stats: dict | None = None, *,
+                   sources: list[str] | None = None, input_version: dict | None = None) -> str:
     """Writes `table` (conformed to the schema, sorted by key) as the shard's file, then its marker.
-    `stats` (e.g. seconds, images_per_s, read_seconds) go into the manifest entry. Returns the data file URI."""
+    `stats` (e.g. seconds, images_per_s, read_seconds) go into the manifest entry, and so do `sources` (the
+    image files an image-files shard holds: the next run skips exactly those) and `input_version` (the input
+    object's size / generation / etag / mtime as listed: a later change is detected). Returns the data file URI."""
     t0 = time.perf_counter()
     name = output_name(shard_id)
     table = conform(table, self.schema, what=f"shard {shard_id}")
@@ -311,9 +307,28 @@ class Sink:
         committed_at=_now(), write_seconds=round(time.perf_counter() - t0, 4))
     if info.get("generation") is not None:
       entry["generation"] = str(info["generation"])
+    if sources is not None:
+      entry["sources"] = list(sources)
+    if input_version:
+      entry["input"] = dict(input_version)
     entry.setdefault("seconds", entry["write_seconds"])
     self.write_marker(name, entry)
     return entry["file"]
+
+
+def committed_sources(entries: dict[str, dict], storage_options: dict | None = None) -> set[str]:
+  """The image file URIs the committed shards hold: each entry's `sources`, or for entries written without
+  them (older versions) the distinct `source_uri` values of the committed file."""
+  out: set[str] = set()
+  for e in entries.values():
+    if isinstance(e.get("sources"), list):
+      out.update(e["sources"])
+      continue
+    fs, path = fsspec.core.url_to_fs(e["file"], **(storage_options or {}))
+    with fs.open(path, "rb") as f:
+      col = pq.read_table(f, columns=["source_uri"]).column("source_uri").to_pylist()
+    out.update(u for u in col if u)
+  return out
 
 
 def read_manifest(output_uri: str, storage_options: dict | None = None) -> list[dict]:

@@ -24,7 +24,7 @@ Modules: `driver` (preflight → plan → commit loop: `run`), `plan` (the Ray D
 (per-shard assembly, commit with retry, output checks), `progress` (progress line, summary). Ray start-up and
 local resource checks are in `pgbatch.placement`; the annotation of one batch in `pgbatch.annotate`.
 """
-from pgbatch.pipeline.driver import SafetyListError, run
+from pgbatch.pipeline.driver import RunOptions, SafetyListError, run
 from pgbatch.pipeline.progress import Summary
 
-__all__ = ["run", "Summary", "SafetyListError"]
+__all__ = ["run", "RunOptions", "Summary", "SafetyListError"]

@@ -58,11 +58,11 @@ def short_error(e: BaseException, limit: int = 500) -> str:
 
 
 def commit_with_retry(sink, shard_id: str, table: pa.Table, stats: dict, attempts: int = 3,
-                      backoff_s: float = 2.0) -> str:
+                      backoff_s: float = 2.0, **commit_kwargs) -> str:
   """Sink.commit_shard with retries (object stores have transient errors); a data error is not retried."""
   for attempt in range(attempts):
     try:
-      return sink.commit_shard(shard_id, table, stats)
+      return sink.commit_shard(shard_id, table, stats, **commit_kwargs)
     except (ValueError, TypeError, pa.ArrowInvalid):
       raise
     except Exception as e:  # noqa: BLE001 - I/O of any fsspec backend

@@ -2,10 +2,12 @@
 (`plan.build_dataset`) → the commit loop (`commit`). Committed shards of earlier runs are skipped."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import time
 import uuid
+from typing import Optional
 
 from pgbatch import placement
 from pgbatch.pipeline import commit as commit_lib, plan as plan_lib
@@ -72,19 +74,30 @@ def _start_ray(spec, start: float) -> bool:
 
 
 def _commit_loop(ds, spec, sink, info: dict, summary: Summary, bar: Progress, start: float,
-                 buf: commit_lib.ShardBuffer, committed: set[str]) -> None:
-  """Commits every shard as soon as all its rows arrived (ids into `committed`). Raises what Ray raises."""
+                 buf: commit_lib.ShardBuffer, committed: set[str], work, held) -> None:
+  """Commits every shard as soon as all its rows arrived (ids into `committed`); a shard whose error rows were
+  retried is merged with the kept rows of its committed file. Raises what Ray raises, and `lease.LeaseLost`."""
+  from pgbatch.io import resume
+  by_id = {s.id: s for s in work.todo}
+  out_opts = dict(spec.output.storage_options) or None
   for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
     bar.update(images=batch.num_rows, shard_rows=dict(zip(batch.column("shard").to_pylist(),
                                                           batch.column(plan_lib.SHARD_ROWS).to_pylist())))
     for shard_id, table in buf.add(batch):
+      held.check()
+      shard = by_id[shard_id]
       read_at = commit_lib.pc_min(table.column(plan_lib.READ_AT))
       table = table.drop_columns(list(plan_lib.INTERNAL))
       stats = {"job": spec.name, "run_id": summary.run_id, "seconds": round(time.time() - read_at, 3),
                "model_variant": info["model_variant"], "checkpoint_digest": info["checkpoint_digest"]}
+      where = ({"sources": list(shard.uris)} if spec.input.format == "images"
+               else {"input_version": shard.version})
       try:
-        uri = commit_lib.commit_with_retry(sink, shard_id, table, stats)
-      except Exception as e:  # noqa: BLE001 - this shard stays uncommitted; the others go on
+        whole = table
+        if shard_id in work.skip_keys:
+          whole = resume.merge_retried(work.retried[shard_id], table, sink.schema, out_opts)
+        uri = commit_lib.commit_with_retry(sink, shard_id, whole, stats, **where)
+      except Exception as e:  # noqa: BLE001 - this shard stays as it was; the others go on
         buf.broken[shard_id] = f"commit failed: {type(e).__name__}: {e}"
         log.exception("shard %s: commit failed", shard_id)
         continue
@@ -110,37 +123,79 @@ def _count(summary: Summary, table, uri: str) -> int:
   return len(st)
 
 
-def run(spec, progress: bool = True, stream=None) -> Summary:
-  """Runs the job; never raises for bad data. Raises `InputError` when the input matches no shards."""
-  from pgbatch.io import sink as sink_lib
+MODEL_ERROR_NAMES = ("CheckpointError", "CorruptCheckpointError", "CheckpointNotFoundError", "MissingKeyError",
+                     "ShapeMismatchError", "UnexpectedKeyError", "UnknownFormatError", "TokenizerError")
+
+
+def verify_model(spec) -> None:
+  """Reads every tensor of the checkpoint once (CRC checked for .npz), one at a time: a corrupt file fails
+  here, before Ray, instead of in every actor."""
+  from pgbatch import checkpoints
+  try:
+    with checkpoints.open_checkpoint(spec.model.checkpoint, variant=spec.model.variant) as ckpt:
+      for _ in ckpt.tensors():
+        pass
+  except (checkpoints.CheckpointError, OSError) as e:
+    raise checkpoints.CheckpointError(f"model.checkpoint: {e}") from None
+
+
+@dataclasses.dataclass
+class RunOptions:
+  """`pgbatch run` flags: what to redo beyond the uncommitted shards, and whether to take a held output."""
+  retry_errors: bool = False    # re-annotate the error rows of committed shards
+  redo_changed: bool = False    # redo committed shards whose input object changed since commit
+  force: bool = False           # take the output lease from a run that still looks alive
+
+
+def run(spec, progress: bool = True, stream=None, options: Optional[RunOptions] = None) -> Summary:
+  """Runs the job; never raises for bad data. Raises, before any work: `InputError` (no input, wrong image
+  column), `errors.OutputError` (output not usable or writable), `lease.LeaseHeld` (another run holds the
+  output), `CheckpointError` / `TokenizerError` / `FileNotFoundError` (the model), `SafetyListError`."""
+  from pgbatch.io import lease, readers, resume, sink as sink_lib
   from pgbatch.io.listing import check_output, list_inputs
   from pgbatch.redact import redact_uri
+  options = options or RunOptions()
   start = time.monotonic()
   started_at = datetime.datetime.now(datetime.timezone.utc)
   run_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
   summary = Summary(job=spec.name, run_id=run_id, output_uri=redact_uri(spec.output.uri))
+  in_opts, out_opts = dict(spec.input.storage_options) or None, dict(spec.output.storage_options) or None
   shards = list_inputs(spec.input)
-  check_output(spec.output.uri, dict(spec.output.storage_options) or None)
-  sink = sink_lib.Sink(spec.output.uri, spec.output_schema(),
-                       storage_options=dict(spec.output.storage_options) or None, job=spec.name)
-  removed = sink.cleanup()
-  if removed:
-    log.warning("removed %d leftover file(s) of an interrupted run: %s", len(removed), ", ".join(removed[:5]))
-  committed = sink.committed()
-  todo = [s for s in shards if s.id not in committed]
-  summary.shards_total, summary.shards_skipped = len(shards), len(shards) - len(todo)
-  if not todo:
-    summary.seconds = time.monotonic() - start
-    return summary
+  if spec.input.format == "parquet":
+    readers.check_parquet_input(shards[0], spec.input.image_column, in_opts)
+  check_output(spec.output.uri, out_opts)
+  sink = sink_lib.Sink(spec.output.uri, spec.output_schema(), storage_options=out_opts, job=spec.name)
+  sink.probe_writable()
+  with lease.hold(sink.fs, sink.root, run_id, spec.name, force=options.force) as held:
+    removed = sink.cleanup()
+    if removed:
+      log.warning("removed %d leftover file(s) of an interrupted run: %s", len(removed), ", ".join(removed[:5]))
+    committed = sink.committed()
+    work = resume.plan(spec.input.format, shards, committed, spec.input.files_per_shard,
+                       retry_errors=options.retry_errors, redo_changed=options.redo_changed,
+                       storage_options=out_opts)
+    summary.changed = [sid for sid, _ in work.changed]
+    for sid, fields in work.changed:
+      log.warning("input changed since its commit (%s): %s%s", ", ".join(fields), sid,
+                  "; redoing it" if options.redo_changed else "; rerun with --redo-changed to redo it")
+    summary.shards_total, summary.shards_skipped = work.done + len(work.todo), work.done
+    if work.todo:
+      _execute(spec, sink, work, summary, started_at, held, progress, stream, start)
+  summary.seconds = time.monotonic() - start
+  return summary
+
+
+def _execute(spec, sink, work, summary: Summary, started_at, held, progress: bool, stream, start: float) -> None:
+  """Model preflight (headers, then every tensor), then the Ray Data plan over `work.todo` and the commits."""
   info = plan_info(spec)
-  log.info("%d shard(s) to do, %d already committed; model %s", len(todo), summary.shards_skipped,
-           info["model_variant"])
-  bar = Progress(len(todo), enabled=progress, stream=stream, started=start)
+  verify_model(spec)
+  log.info("%d shard(s) to do, %d already committed; model %s", len(work.todo), work.done, info["model_variant"])
+  bar = Progress(len(work.todo), enabled=progress, stream=stream, started=start)
   bar.phase(PHASES[1])
   try:
     inherited = _start_ray(spec, start)
-    items = [{"id": s.id, "uris": list(s.uris)} for s in todo]
-    ds = plan_lib.build_dataset(spec, items, info, _provenance(spec, info, run_id, started_at),
+    items = [{"id": s.id, "uris": list(s.uris), "skip": list(work.skip_keys.get(s.id, []))} for s in work.todo]
+    ds = plan_lib.build_dataset(spec, items, info, _provenance(spec, info, summary.run_id, started_at),
                                 inherited_env=inherited)
   except BaseException:
     bar.cancel()
@@ -148,16 +203,15 @@ def run(spec, progress: bool = True, stream=None) -> Summary:
   bar.phase(PHASES[2])
   buf, committed_ids = commit_lib.ShardBuffer(), set()
   try:
-    _commit_loop(ds, spec, sink, info, summary, bar, start, buf, committed_ids)
+    _commit_loop(ds, spec, sink, info, summary, bar, start, buf, committed_ids, work, held)
   except Exception as e:  # noqa: BLE001 - committed shards stay; the rest is redone by a rerun
     log.exception("pipeline failed")
     summary.failure = commit_lib.short_error(e)
+    summary.model_error = any(name in str(e) for name in MODEL_ERROR_NAMES)
   finally:
     bar.close()
   summary.annotate_rate, summary.phases = bar.rate(), {k: v for k, v in bar.phases.items() if k in PHASES}
-  summary.shards_failed = [s.id for s in todo if s.id not in committed_ids]
+  summary.shards_failed = [s.id for s in work.todo if s.id not in committed_ids]
   if summary.shards_failed and summary.failure is None:
     reasons = "; ".join(f"{k}: {v}" for k, v in list(buf.broken.items())[:3])
     summary.failure = f"{len(summary.shards_failed)} shard(s) not written" + (f" ({reasons})" if reasons else "")
-  summary.seconds = time.monotonic() - start
-  return summary

@@ -14,11 +14,11 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from pgbatch import annotate, placement, schema
+from pgbatch import annotate, placement, rows, schema
 
 log = logging.getLogger(__name__)
-SHARD_ROWS = "_shard_rows"
-READ_AT = "_read_at"     # epoch seconds when the shard was read (per-shard latency in the manifest)
+SHARD_ROWS = rows.SHARD_ROWS
+READ_AT = rows.READ_AT     # epoch seconds when the shard was read (per-shard latency in the manifest)
 INTERNAL = (SHARD_ROWS, READ_AT)
 # Read/decode tasks: an exception that escapes them (a transient I/O error; bad data becomes error rows) is
 # retried a few times before the run fails; the shard is then redone by the next run.
@@ -26,30 +26,27 @@ RETRY_ARGS = {"max_retries": 5, "retry_exceptions": True}
 _PRE_FILTERS: dict[str, Any] = {}   # per worker process: policy JSON -> PreFilter (models load once)
 
 
-def error_json(stage: str, exc_or_type: Any, message: str | None = None) -> str:
-  """`readers.error_json` for an exception (or a type name), the message cut at 2000 characters."""
+def read_items(items: pa.Table, fmt: str, image_column: str, key_column: Optional[str],
+               storage_options: dict, allowed_roots: tuple[str, ...] | None = None) -> pa.Table:
+  """Shard items {id, uris, skip} → their rows (see `pgbatch.io.readers.read_shard`), typed by `rows.to_table`.
+  `skip`: keys a retried shard keeps from its committed file (`pgbatch.io.resume`); they are not read again."""
   from pgbatch.io import readers
-  type_ = exc_or_type if isinstance(exc_or_type, str) else type(exc_or_type).__name__
-  return readers.error_json(stage, type_, (str(exc_or_type) if message is None else message)[:2000])
-
-
-def _as_object(values) -> np.ndarray:
-  out = np.empty(len(values), dtype=object)
-  out[:] = list(values)
-  return out
-
-
-def read_item(item: dict, fmt: str, image_column: str, key_column: Optional[str],
-              storage_options: dict, allowed_roots: tuple[str, ...] | None = None) -> list[dict]:
-  """One shard item {id, uris} → its rows (see `pgbatch.io.readers.read_shard`)."""
-  from pgbatch.io import readers
-  shard = readers.Shard(item["id"], tuple(item["uris"]))
-  rows = readers.read_shard(shard, fmt, image_column=image_column, key_column=key_column,
-                            storage_options=storage_options or None, allowed_roots=allowed_roots)
+  out: list[dict] = []
+  for item in items.to_pylist():
+    shard = readers.Shard(item["id"], tuple(item["uris"]))
+    got = readers.read_shard(shard, fmt, image_column=image_column, key_column=key_column,
+                             storage_options=storage_options or None, allowed_roots=allowed_roots)
+    skip = set(item.get("skip") or ())
+    if skip:   # --retry-errors: only the rows that were errors (and any new ones) are annotated again
+      got = [r for r in got if r[rows.KEY] not in skip]
+      for r in got:
+        r[rows.SHARD_ROWS] = len(got)
+    out += got
   now = time.time()
-  for r in rows:
-    r[READ_AT] = now
-  return rows
+  names = list(out[0]) if out else [rows.KEY]
+  cols = {name: [r[name] for r in out] for name in names}
+  cols[READ_AT] = [now] * len(out)
+  return rows.to_table(cols)
 
 
 def _pre_filter(policy_json: str):
@@ -59,67 +56,53 @@ def _pre_filter(policy_json: str):
   return _PRE_FILTERS[policy_json]
 
 
+DECODED = (rows.PIXELS, rows.WIDTH, rows.HEIGHT, rows.SHA256, rows.STATUS, rows.ERROR)
+
+
 def _decode(batch: dict, size: int, max_pixels: int, max_decoded_bytes: Optional[int] = None) -> dict:
-  """decode_batch; if it raises (it should not), decode row by row so one bad row cannot sink the batch."""
+  """decode_batch, its unexpected failures isolated to the rows that cause them (those become error rows)."""
   from pgbatch.io import decode
-  try:
-    return decode.decode_batch(batch, size, max_pixels, max_decoded_bytes)
-  except Exception:  # noqa: BLE001 - isolate the failing rows below
-    log.exception("decode_batch failed; retrying row by row")
-  n = len(batch["key"])
-  parts = []
-  for i in range(n):
-    row = {k: v[i:i + 1] for k, v in batch.items()}
-    try:
-      parts.append(decode.decode_batch(row, size, max_pixels, max_decoded_bytes))
-    except Exception as e:  # noqa: BLE001
-      row = dict(row)
-      row["pixels"] = np.zeros((1, size, size, 3), np.uint8)
-      row["width"] = np.array([-1], np.int32)
-      row["height"] = np.array([-1], np.int32)
-      row["sha256"] = _as_object([None])
-      if row["status"][0] == "ok":
-        row["status"] = _as_object(["error"])
-        row["error"] = _as_object([error_json("decode", e)])
-      parts.append(row)
-  out = {}
-  for k in parts[0]:
-    arrays = [np.asarray(p[k]) for p in parts]
-    out[k] = np.concatenate(arrays) if all(a.dtype != object for a in arrays) else _as_object(
-        [x for a in arrays for x in a])
+  n = len(batch[rows.KEY])
+
+  def part(idx: list[int]) -> list[tuple]:
+    out = decode.decode_batch({k: np.asarray(v)[idx] for k, v in batch.items()}, size, max_pixels,
+                              max_decoded_bytes)
+    return list(zip(*(out[c] for c in DECODED)))
+
+  done, failed = rows.isolate(part, range(n))
+  out = dict(batch)
+  out[rows.PIXELS] = np.zeros((n, size, size, 3), np.uint8)
+  out[rows.WIDTH] = np.full((n,), -1, np.int32)
+  out[rows.HEIGHT] = np.full((n,), -1, np.int32)
+  out[rows.SHA256] = rows.as_object([None] * n)
+  status, errors = list(batch[rows.STATUS]), list(batch[rows.ERROR])
+  for i, values in done.items():
+    for c, v in zip(DECODED[:4], values):
+      out[c][i] = v
+    status[i], errors[i] = values[-2], values[-1]
+  for i, e in failed.items():
+    log.error("decoding row %s raised %r", batch[rows.KEY][i], e)
+    rows.mark_error(status, errors, i, rows.error("decode", e))
+  out[rows.STATUS], out[rows.ERROR] = rows.as_object(status), rows.as_object(errors)
   return out
 
 
 def decode_and_prefilter(batch: dict, size: int, max_pixels: int, policy_json: str,
-                         max_decoded_bytes: Optional[int] = None) -> dict:
+                         max_decoded_bytes: Optional[int] = None) -> pa.Table:
   """Reader rows → decoded pixels [B, size, size, 3] plus the image-safety verdict; image bytes dropped."""
+  from ray.data.extensions import ArrowTensorArray
   out = _decode(batch, size, max_pixels, max_decoded_bytes)
   try:
     out = _pre_filter(policy_json)(out)
   except Exception as e:  # noqa: BLE001 - PreFilter isolates filter failures; this is a last resort
     log.exception("image safety stage failed")
-    status = np.asarray(out["status"], dtype=object).copy()
-    err = np.asarray(out["error"], dtype=object).copy()
+    status, errors = list(out[rows.STATUS]), list(out[rows.ERROR])
     for i in range(len(status)):
-      if status[i] == "ok":
-        status[i], err[i] = "error", error_json("safety", e, "image safety stage raised; row withheld")
-    out["status"], out["error"] = status, err
-  out.pop("image_bytes", None)
-  # all-None object columns do not convert to Arrow cleanly inside Ray Data: "" stands for "no error" here
-  out["error"] = _as_object(["" if e is None else str(e) for e in out["error"]])
-  return out
-
-
-def _error_struct(s: Any) -> Optional[dict]:
-  if s is None or (isinstance(s, str) and not s) or (isinstance(s, float) and np.isnan(s)):
-    return None
-  if isinstance(s, dict):
-    return s
-  try:
-    d = json.loads(s)
-    return {"stage": d.get("stage"), "type": d.get("type"), "message": d.get("message")}
-  except (TypeError, ValueError):
-    return {"stage": "unknown", "type": "Error", "message": str(s)}
+      rows.mark_error(status, errors, i, rows.error("safety", e, "image safety stage raised; row withheld"))
+    out[rows.STATUS], out[rows.ERROR] = status, errors
+  out.pop(rows.IMAGE_BYTES, None)
+  out[rows.PIXELS] = ArrowTensorArray.from_numpy(np.ascontiguousarray(out[rows.PIXELS]))
+  return rows.to_table(out)
 
 
 def _dim(v: Any) -> Optional[int]:
@@ -144,7 +127,7 @@ def annotated_table(batch: dict, out: annotate.Annotated, widths, heights, prove
       "status": pa.array(out.status, pa.string()),
       "error": pa.array([e if s == "error" else None for e, s in zip(out.errors, out.status)], schema.ERROR_TYPE),
       "provenance": pa.array([provenance] * n, schema.PROVENANCE_TYPE),
-      "safety": pa.nulls(n, schema.SAFETY_TYPE),
+      "safety": rows.null_column(schema.SAFETY_TYPE, n),
   }
   fields = [schema.fixed_field(name) for name in cols] + [pa.field(name, col.type) for name, col in out.columns.items()]
   arrays = list(cols.values()) + list(out.columns.values())
@@ -154,7 +137,7 @@ def annotated_table(batch: dict, out: annotate.Annotated, widths, heights, prove
   arrays.append(pa.array([None if p is None else str(p) for p in pre] if pre is not None else [None] * n,
                          pa.string()))
   fields.append(pa.field(SHARD_ROWS, pa.int64()))
-  arrays.append(pa.array([int(x) for x in batch["shard_rows"]], pa.int64()))
+  arrays.append(pa.array([int(x) for x in batch[SHARD_ROWS]], pa.int64()))
   fields.append(pa.field(READ_AT, pa.float64()))
   arrays.append(pa.array([float(x) for x in batch[READ_AT]] if READ_AT in batch else [time.time()] * n,
                          pa.float64()))
@@ -192,7 +175,8 @@ class AnnotatorActor:
     self._warm.join()
     widths, heights = [_dim(w) for w in batch["width"]], [_dim(h) for h in batch["height"]]
     out = self.annotator(batch["pixels"], [str(s) for s in batch["status"]],
-                         [_error_struct(e) for e in batch["error"]], widths, heights, batch.get("metadata"))
+                         [e if isinstance(e, dict) else None for e in batch[rows.ERROR]], widths, heights,
+                         batch.get("metadata"))
     return annotated_table(batch, out, widths, heights, self.provenance)
 
 
@@ -238,17 +222,15 @@ class SafetyPost:
       return self.with_filters(self.filter(table))
     except Exception as e:  # noqa: BLE001 - PostFilter isolates filter failures; this is a last resort
       log.exception("text safety stage failed")
-      n = table.num_rows
       status = table.column("status").to_pylist()
       errors = table.column("error").to_pylist()
-      for i in range(n):
-        if status[i] == "ok":
-          status[i], errors[i] = "error", {"stage": "safety", "type": type(e).__name__,
-                                           "message": "text safety stage raised; row withheld"}
+      for i in range(table.num_rows):
+        rows.mark_error(status, errors, i, rows.error("safety", e, "text safety stage raised; row withheld"))
+      withheld = [st != rows.OK for st in status]
       for name in self.filter.task_fields or []:
         if name in table.column_names:
           i = table.schema.get_field_index(name)
-          table = table.set_column(i, table.schema.field(i), pa.nulls(n, table.schema.field(i).type))
+          table = table.set_column(i, table.schema.field(i), rows.withhold(table.column(i), withheld))
       table = table.set_column(table.schema.get_field_index("status"), schema.fixed_field("status"),
                                pa.array(status, pa.string()))
       table = table.set_column(table.schema.get_field_index("error"), schema.fixed_field("error"),
@@ -281,12 +263,13 @@ def build_dataset(spec, items: list[dict], info: dict, provenance: dict, inherit
   cpu = float(res.cpu_stage_cpus)
   cpu_env = placement.stage_runtime_env(placement.cpu_stage_env(), inherited_env)
   ds = ray.data.from_items(items, override_num_blocks=len(items))
-  ds = ds.flat_map(read_item, fn_kwargs=dict(fmt=spec.input.format, image_column=spec.input.image_column,
-                                             key_column=spec.input.key_column,
-                                             storage_options=dict(spec.input.storage_options),
-                                             allowed_roots=sources.allowed_roots(spec.input.uri,
-                                                                                 spec.input.allowed_sources)),
-                   num_cpus=cpu, runtime_env=cpu_env, **RETRY_ARGS)
+  ds = ds.map_batches(read_items, batch_size=1, batch_format="pyarrow",
+                      fn_kwargs=dict(fmt=spec.input.format, image_column=spec.input.image_column,
+                                     key_column=spec.input.key_column,
+                                     storage_options=dict(spec.input.storage_options),
+                                     allowed_roots=sources.allowed_roots(spec.input.uri,
+                                                                         spec.input.allowed_sources)),
+                      num_cpus=cpu, runtime_env=cpu_env, **RETRY_ARGS)
   ds = ds.map_batches(decode_and_prefilter, batch_size=spec.decode.batch_size, batch_format="numpy",
                       fn_kwargs=dict(size=info["image_size"], max_pixels=spec.decode.max_pixels,
                                      policy_json=policy_json, max_decoded_bytes=decode_budget(spec)),

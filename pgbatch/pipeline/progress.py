@@ -170,6 +170,8 @@ class Summary:
   reasons: dict = dataclasses.field(default_factory=dict)  # "stage/type" -> error rows written by this run
   annotate_rate: Optional[float] = None  # images/s of annotating (pgbatch.progress); None under two batches
   phases: dict = dataclasses.field(default_factory=dict)   # phase name -> seconds (pgbatch.progress.PHASES)
+  changed: list = dataclasses.field(default_factory=list)  # committed shards whose input changed since commit
+  model_error: bool = False       # the failure is the model failing to load in the actors (exit 2)
 
   @property
   def success(self) -> bool:

@@ -12,9 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pgbatch import schema
+from pgbatch import rows, schema
 from pgbatch.safety.base import Finding, Hit, hits_to_findings
 from pgbatch.safety.decide import apply_policy, decide_row, finding_record, max_scores, rule_findings
 from pgbatch.safety.policy import IMAGE_FILTERS, TEXT_FILTERS, SafetyPolicy
@@ -26,23 +25,10 @@ INTERNAL_COLUMNS = {PRE_COLUMN, "image_bytes", "pixels"}
 
 
 def score_batch(score: Callable[[list], list[list[Hit]]], items: list) -> tuple[list[list[Hit] | None], list]:
-  """Run `score` on the batch; if it raises, retry item by item. Returns (hits or None, exceptions)."""
-  try:
-    hits = score(items)
-    if len(hits) != len(items):
-      raise RuntimeError(f"filter returned {len(hits)} results for {len(items)} inputs")
-    return list(hits), [None] * len(items)
-  except Exception:  # noqa: BLE001 - isolate the failing rows below
-    out, errs = [], []
-    for it in items:
-      try:
-        (h,) = score([it])
-        out.append(h)
-        errs.append(None)
-      except Exception as e:  # noqa: BLE001
-        out.append(None)
-        errs.append(e)
-    return out, errs
+  """Run `score` on the batch, isolating the items it raises on (`rows.isolate`). Returns (hits or None,
+  exceptions or None), one of each per item."""
+  done, failed = rows.isolate(lambda idx: score([items[i] for i in idx]), range(len(items)))
+  return [done.get(i) for i in range(len(items))], [failed.get(i) for i in range(len(items))]
 
 
 def error_info(name: str, exc: BaseException) -> dict:
@@ -50,7 +36,7 @@ def error_info(name: str, exc: BaseException) -> dict:
   logged at WARNING; DEBUG logging shows it."""
   log.warning("safety filter %s raised %s; row withheld", name, type(exc).__name__)
   log.debug("safety filter %s failure", name, exc_info=exc)
-  return {"stage": "safety", "type": type(exc).__name__, "message": f"safety filter '{name}' raised; row withheld"}
+  return rows.error("safety", exc, f"safety filter '{name}' raised; row withheld")
 
 
 class _Filters:
@@ -90,8 +76,8 @@ class PreFilter(_Filters):
   """Image stage, before annotation. Input: numpy batch dict with `image_bytes` (bytes or None), `status`, `key`.
 
   Scores the raw bytes (the NSFW filter decodes its own reduced copy; decoded pixels are not needed).
-  Adds `safety_pre` (JSON string per row: image findings and any filter error) and sets `status` to
-  'filtered' for drop_content rows and 'error' for rows whose filter failed, so annotation skips both.
+  Adds `safety_pre` (JSON string per row: image findings and any filter error) and marks drop_content rows
+  'filtered' and rows whose filter failed 'error' (`error` set), so annotation skips both.
   """
 
   def __init__(self, policy: SafetyPolicy | dict | None = None):
@@ -112,13 +98,16 @@ class PreFilter(_Filters):
         else:
           findings[i] += hits_to_findings(name, "image", h)
       live = [i for i in live if errors[i] is None and apply_policy(findings[i], self.policy).decision != "filtered"]
+    row_errors = list(batch["error"]) if "error" in batch else [None] * n
     for i in range(n):
       if errors[i] is not None:
-        status[i] = "error"
+        rows.mark_error(status, row_errors, i, errors[i])
       elif apply_policy(findings[i], self.policy).decision == "filtered":
-        status[i] = "filtered"
+        rows.mark_filtered(status, i)
     out = dict(batch)
     out["status"] = status
+    if "error" in batch or any(e is not None for e in row_errors):
+      out["error"] = rows.as_object(row_errors)
     out[PRE_COLUMN] = np.array([encode_pre(f, e) for f, e in zip(findings, errors)], dtype=object)
     return out
 
@@ -214,10 +203,8 @@ class PostFilter(_Filters):
       records.append(rec)
     for c in text_cols:
       table = _set(table, c, pa.array(values[c], type=table.schema.field(c).type))
-    mask = pa.array(withheld)
     for c in self._task_fields(table):
-      col = table.column(c).combine_chunks()
-      table = _set(table, c, pc.if_else(mask, pa.nulls(n, col.type), col))
+      table = _set(table, c, rows.withhold(table.column(c), withheld))
     table = _set(table, "status", pa.array(status, pa.string()))
     table = _set(table, "error", pa.array(errors, schema.ERROR_TYPE))
     table = _set(table, "safety", pa.array(records, schema.SAFETY_TYPE))
