@@ -41,7 +41,7 @@ def test_job_exits_zero_and_commits_every_shard(robust):
   p = robust["proc"]
   assert p.returncode == 0, p.stdout + p.stderr
   assert "pgbatch: robust:" in p.stdout and "in 4/4 shards" in p.stdout
-  assert p.stderr.count("pgbatch.pipeline: committed ") == 4, p.stderr[-3000:]
+  assert p.stderr.count("pgbatch.pipeline.driver: committed ") == 4, p.stderr[-3000:]
   assert "\n  errors: read/ReadError 2, decode/" in p.stdout, p.stdout
   assert sorted(e["shard"] for e in robust["entries"]) == sorted(str(x) for x in robust["shards"].glob("*.tar"))
   assert not list(robust["out"].glob("_tmp/*")) and sorted(x.name for x in robust["out"].iterdir()) == sorted(
