@@ -1,5 +1,6 @@
 """`pgbatch bench`: engine throughput (random weights), the whole pipeline (--pipeline), checkpoint loading
-(--load) or the cost model of the compiled programs (--cost, no accelerator); one JSON line per measurement."""
+(--load), the cost model of the compiled programs (--cost, no accelerator) or shard commits against a slow
+object store (--commits); JSON per measurement."""
 from __future__ import annotations
 
 import json
@@ -34,9 +35,14 @@ def register(parser) -> None:
   parser.add_argument("--load-format", choices=("npz", "hf"), default="npz",
                       help="--load: format of the random checkpoint (big_vision .npz or HF safetensors)")
   parser.add_argument("--stored-dtype", default="bfloat16", help="--load: dtype of the random checkpoint's tensors")
+  from pgbatch import commit_bench   # standard library only at import time
+  commit_bench.add_args(parser)
 
 
 def main(args) -> int:
+  if args.commits:
+    from pgbatch import commit_bench
+    return commit_bench.main(args)
   from pgbatch import bench
   from pgbatch.model import configs, make_mesh
   if args.load is not None:
