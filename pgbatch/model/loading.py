@@ -3,14 +3,14 @@ time, so host memory holds about one tensor. Params become a nested dict in big_
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from pgbatch import checkpoints
+from pgbatch import adapters as adapters_lib, checkpoints
 from pgbatch.model import configs, sharding
 from pgbatch.model.configs import PaliGemmaConfig
 from pgbatch.model.replica import PaliGemma
@@ -67,13 +67,15 @@ def from_params(cfg: PaliGemmaConfig, flat_params: dict[str, Any], dtype="float3
 
 
 def load(uri: str, dtype: str = "bfloat16", mesh=None, variant: str | None = None,
-         **config_overrides) -> PaliGemma:
+         adapters: Sequence[str] = (), **config_overrides) -> PaliGemma:
   """Loads a checkpoint from any fsspec URL: big_vision .npz (`.b16.npz`, `.f16.npz`, split `.npz.partNN`) or a
   Hugging Face safetensors directory (single file or sharded with an index).
 
   Names and shapes are checked first (MissingKeyError / UnexpectedKeyError / ShapeMismatchError, before anything
   is placed); then each tensor is read, cast to `dtype` while reading and placed on its NamedSharding over `mesh`
-  (or the default device), one at a time, so host memory holds about one tensor. `variant` overrides (and is
+  (or the default device), one at a time, so host memory holds about one tensor. `adapters` (PEFT LoRA directories
+  or big_vision .npz deltas, see `pgbatch.adapters`) are checked before anything is placed and merged into each
+  tensor on the device as it arrives. `variant` overrides (and is
   checked against) the architecture inferred from the shapes; `config_overrides` replace decoder fields (e.g.
   final_logits_softcap=0.0). The result's `.info` has the checkpoint URI and digest (provenance).
   """
@@ -84,5 +86,9 @@ def load(uri: str, dtype: str = "bfloat16", mesh=None, variant: str | None = Non
       known = ", ".join(f.name for f in dataclasses.fields(configs.TextConfig))
       raise ValueError(f"unknown config override(s) {sorted(config_overrides)}; known: {known}") from None
     ckpt.check(cfg)
-    placed = dict(place(ckpt, dtype, mesh))
-  return PaliGemma(cfg, unflatten(placed), mesh, ckpt.info)
+    opened = adapters_lib.open_all(adapters, cfg)
+    try:
+      placed = dict(adapters_lib.merge(place(ckpt, dtype, mesh), opened, mesh))
+    finally:
+      adapters_lib.close_all(opened)
+  return PaliGemma(cfg, unflatten(placed), mesh, ckpt.info, tuple(a.info for a in opened))

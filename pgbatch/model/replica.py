@@ -33,6 +33,7 @@ class PaliGemma:
   params: dict
   mesh: Optional[jax.sharding.Mesh] = None
   info: Any = None  # checkpoint provenance (uri, digest) when loaded from a checkpoint
+  adapters: tuple = ()  # pgbatch.adapters.AdapterInfo of each adapter merged into the weights
 
   def __post_init__(self):
     self._encode = jax.jit(paligemma.encode_images, static_argnames="cfg")
