@@ -128,7 +128,7 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def _read_peft(uri, fs, path) -> tuple[dict, dict[str, np.ndarray], str]:
-  from safetensors.numpy import load as st_load
+  from pgbatch.checkpoints.safetensors_file import SafetensorsFile
   cfg_path, weights_path = f"{path}/{PEFT_CONFIG}", f"{path}/{PEFT_WEIGHTS}"
   for p in (cfg_path, weights_path):
     if not fs.exists(p):
@@ -139,9 +139,13 @@ def _read_peft(uri, fs, path) -> tuple[dict, dict[str, np.ndarray], str]:
   except ValueError as e:
     raise AdapterError(f"adapter {uri}: {PEFT_CONFIG} is not valid JSON ({e})") from None
   try:
-    tensors = st_load(fs.cat_file(weights_path))
-  except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own error types)
-    raise AdapterError(f"adapter {uri}: {PEFT_WEIGHTS} is not a safetensors file ({e})") from None
+    st = SafetensorsFile(uri, fs, weights_path, fs.size(weights_path))
+    try:
+      tensors = {key: st.read(key) for key in st.entries}
+    finally:
+      st.close()
+  except Exception as e:  # pylint: disable=broad-except  (a corrupt file: any reader error names it)
+    raise AdapterError(f"adapter {uri}: {PEFT_WEIGHTS} is not a readable safetensors file ({e})") from None
   return config, tensors, _sha256(fs, [cfg_path, weights_path])
 
 
