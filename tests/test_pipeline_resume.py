@@ -14,8 +14,8 @@ from pgbatch import demo
 from pgbatch.io import sink
 from tests import pipeline_helpers as H
 
-SHARDS = 8
-PER_SHARD = 2
+SHARDS = 16
+PER_SHARD = 1
 
 
 def _committed(out) -> dict:
