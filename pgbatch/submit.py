@@ -27,7 +27,6 @@ import hashlib
 import importlib.metadata
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
