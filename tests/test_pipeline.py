@@ -172,6 +172,17 @@ def test_progress_line_shows_rate_and_eta():
   assert "1/4 shards  20 images" in text and "img/s annotating" in text and "ETA 0:" in text
   assert list(p.phases) == ["checking input and model", "starting Ray", "loading and compiling the model",
                             "annotating"] == list(pipeline_progress.PHASES)
+  log = io.StringIO()  # not a terminal, and a run shorter than `every_s`: a line per phase, then the final line
+  g = pipeline_progress.Progress(shards=2, stream=log, every_s=3600, tick_s=0)
+  g.phase("starting Ray")
+  g.phase("loading and compiling the model")
+  g.update(images=4, shard_rows={"a": 2, "b": 2})
+  g.update(shards=2, done_images=4)
+  g.close()
+  lines = log.getvalue().splitlines()
+  assert [line.split("  ")[1] for line in lines] == ["0 images", "0 images", "4 images", "4 images"]
+  assert "starting Ray … " in lines[0] and "loading and compiling" in lines[1] and "ETA 0:00" in lines[-1]
+  assert lines[-1].startswith("[" + "#" * 24 + "] 2/2 shards") and "\r" not in log.getvalue()
   quiet = io.StringIO()
   q = pipeline_progress.Progress(shards=4, stream=quiet, enabled=False)
   q.update(images=3, shards=1, done_images=3)

@@ -13,7 +13,7 @@ summary prints this figure and, labelled apart, the wall-clock images / seconds 
 ETA: from the image count known so far (each shard's row count arrives with its first batch; shards not seen
 yet count as the average of those seen) and the annotating rate, or, until that is known, the rate since the
 model started loading. On a terminal the line is redrawn in place every second; on other streams (logs) a line
-is written every `every_s` seconds while the run goes, and a final line when it ends.
+is written at each phase change and every `every_s` seconds while the run goes, and a final line when it ends.
 """
 from __future__ import annotations
 
@@ -53,13 +53,13 @@ class Progress:
       threading.Thread(target=self._tick, args=(tick_s if self.tty else min(tick_s, every_s),),
                        name="pgbatch-progress", daemon=True).start()
 
-  def phase(self, name: str, now: Optional[float] = None) -> None:
+  def phase(self, name: str, now: Optional[float] = None, draw: bool = True) -> None:
     """Ends the current phase (its duration is kept) and starts `name`."""
     now = now or time.monotonic()
     with self._lock:
       self.phases[self.phase_name] = now - self.phase_at
       self.phase_name, self.phase_at = name, now
-    if self.enabled and self.tty:
+    if self.enabled and draw:  # on a log too: a short run still shows where its time went
       self._draw(now)
 
   def _tick(self, tick_s: float) -> None:
@@ -140,7 +140,7 @@ class Progress:
     if self._closed.is_set():
       return
     now = time.monotonic()
-    self.phase("done", now)
+    self.phase("done", now, draw=False)
     self.end = now
     if self.enabled:
       self._draw(now)
