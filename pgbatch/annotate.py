@@ -60,12 +60,12 @@ class Annotator:
     self._cache: dict[str, list[int]] = {}
     self._cache_lock = threading.Lock()
 
-  def warm_up(self) -> None:
-    """Compiles the full-batch programs (a batch of zeros)."""
-    b, r = self.engine.batch_size, self.engine.image_size
-    prompts = {t.name: [self.tokens(t.prompt({t.question_field: "what is this?"} if t.question_field else None))] * b
+  def warm_up(self) -> int:
+    """Compiles the programs of every batch bucket for each task's prompt (an answer task with per-row questions:
+    the prompt-length bucket of a short question). Returns the number of XLA compiles."""
+    prompts = {t.name: self.tokens(t.prompt({t.question_field: "what is this?"} if t.question_field else None))
                for t in self.tasks}
-    self.engine.annotate(np.zeros((b, r, r, 3), np.uint8), prompts, {t.name: t.max_new_tokens for t in self.tasks})
+    return self.engine.warm_up(prompts, {t.name: t.max_new_tokens for t in self.tasks})
 
   def tokens(self, text: str) -> list[int]:
     """Cached prompt ids (BOS … "\\n")."""

@@ -139,7 +139,8 @@ def bench_pipeline(variant: str, images: int, batch: int, workdir: str | None = 
 
   Returns images/s of both and their ratios. `pipeline_images_per_s` is wall-clock over the whole run (Ray
   start, model load and compilation included); `pipeline_steady_images_per_s` counts from the first shard
-  commit to the last (`steady_rate`), which is what a long job sees.
+  commit to the last (`steady_rate`), which is what a long job sees. `compiles_warm_up` / `compiles_mid_job`:
+  the annotate actor's XLA compiles during its warm-up and after it (0 when every batch bucket was warmed up).
   """
   import pathlib
   import tempfile
@@ -155,7 +156,7 @@ def bench_pipeline(variant: str, images: int, batch: int, workdir: str | None = 
   rows = [(f"{photos[i % len(photos)][0]}-{i:07d}", *photos[i % len(photos)][1:]) for i in range(images)]
   shard_dir = root / f"shards-{images}"
   if not shard_dir.exists():
-    demo.write_shards(shard_dir, rows, shards=max(1, images // (4 * batch)))
+    demo.write_shards(shard_dir, rows, shards=max(min(2, images), images // (4 * batch)))
   out = pathlib.Path(tempfile.mkdtemp(prefix="out-", dir=root))
   spec_dict = {
       "name": f"bench-{variant}", "input": {"uri": str(shard_dir / "*.tar"), "format": "webdataset"},
@@ -181,6 +182,7 @@ def bench_pipeline(variant: str, images: int, batch: int, workdir: str | None = 
               pipeline_steady_images_per_s=None if steady is None else round(steady, 2),
               steady_over_engine=None if steady is None else round(steady / engine["images_per_s"], 3),
               status=dict(ok=summary.ok, error=summary.error, filtered=summary.filtered),
+              compiles_warm_up=summary.compiles["warm_up"], compiles_mid_job=summary.compiles["mid_job"],
               output=str(out), device=engine["device"])
 
 

@@ -5,7 +5,8 @@ A row travels from the reader to the sink as columns of one Ray Data block. What
   read        shard item {id, uris}  -> KEY SHARD SOURCE_URI IMAGE_BYTES METADATA STATUS ERROR SHARD_ROWS READ_AT
   decode      IMAGE_BYTES            -> PIXELS uint8 [B, R, R, 3], WIDTH, HEIGHT, SHA256; STATUS/ERROR (decode)
   safety pre  IMAGE_BYTES            -> SAFETY_PRE; STATUS filtered / error (safety); IMAGE_BYTES dropped after
-  annotate    PIXELS, METADATA       -> one column per task, PROVENANCE, SAFETY (null); STATUS/ERROR (annotate)
+  annotate    PIXELS, METADATA       -> one column per task, PROVENANCE, SAFETY (null); STATUS/ERROR (annotate);
+                                        COMPILES_WARM_UP, COMPILES_MID_JOB
   safety post task columns           -> SAFETY; task columns redacted, or null when withheld; SAFETY_PRE dropped
   commit      everything             -> the output schema (`pgbatch.schema`); internal columns dropped
 
@@ -30,7 +31,9 @@ STATUS, ERROR, SAFETY, PROVENANCE = "status", "error", "safety", "provenance"
 SAFETY_PRE = "safety_pre"     # image findings of the pre stage (JSON), read by the post stage
 SHARD_ROWS = "_shard_rows"    # rows read from the row's shard: the driver commits a shard when all arrived
 READ_AT = "_read_at"          # epoch seconds when the shard was read (per-shard latency in the manifest)
-INTERNAL = (SHARD_ROWS, READ_AT, SAFETY_PRE, IMAGE_BYTES, PIXELS)
+COMPILES_WARM_UP = "_compiles_warm_up"   # annotate actor's XLA compiles since its previous batch (first row
+COMPILES_MID_JOB = "_compiles_mid_job"   # of a batch; 0 elsewhere): the driver sums them into the Summary
+INTERNAL = (SHARD_ROWS, READ_AT, COMPILES_WARM_UP, COMPILES_MID_JOB, SAFETY_PRE, IMAGE_BYTES, PIXELS)
 
 OK, FAILED, FILTERED = "ok", "error", "filtered"
 STATUSES = (OK, FAILED, FILTERED)
@@ -43,6 +46,7 @@ TYPES: dict[str, pa.DataType] = {
     KEY: pa.string(), SHARD: pa.string(), SOURCE_URI: pa.string(), METADATA: pa.string(),
     IMAGE_BYTES: pa.binary(), WIDTH: pa.int32(), HEIGHT: pa.int32(), SHA256: pa.string(), STATUS: pa.string(),
     ERROR: ERROR_TYPE, SAFETY_PRE: pa.string(), SHARD_ROWS: pa.int64(), READ_AT: pa.float64(),
+    COMPILES_WARM_UP: pa.int64(), COMPILES_MID_JOB: pa.int64(),
     PROVENANCE: schema.PROVENANCE_TYPE, SAFETY: schema.SAFETY_TYPE,
 }
 

@@ -193,8 +193,35 @@ def test_engine_is_thread_safe(pair, images):
 
 
 def test_batch_buckets():
-  assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
-  assert batch_buckets(48, 4) == [4, 8, 16, 32, 48]
+  # Multiples of 32 (and of the data axis) up to the batch size: a partial batch wastes fewer than 32 rows.
+  assert batch_buckets(256) == [32, 64, 96, 128, 160, 192, 224, 256]
+  assert batch_buckets(64) == [32, 64]
+  assert batch_buckets(48, 4) == [32, 48]
+  assert batch_buckets(100, 8) == [32, 64, 96, 104]   # the last rounded up to the data axis
+  assert batch_buckets(96, 3) == [96]                 # lcm(32, 3) = 96
+  assert batch_buckets(8) == [8] and batch_buckets(1) == [1]
+  assert batch_buckets(1024) == [128, 256, 384, 512, 640, 768, 896, 1024]   # at most 8 programs per task
+  assert batch_buckets(300, 8) == [64, 128, 192, 256, 304]
+
+
+def test_engine_warm_up_compiles_every_bucket_and_nothing_after(pair, images):
+  # Batch 36: buckets 32 and 36. After warm-up no batch size compiles anything (counted via jax.monitoring).
+  _, ours, _ = pair
+  engine = Engine(ours, batch_size=36)
+  u8 = np.round((images + 1) * 127.5).astype(np.uint8)
+  n = engine.warm_up({"a": PROMPTS[0], "b": PROMPTS[1]}, {"a": 3, "b": 2})
+  assert n == engine.compile_counts()["warm_up"] >= 2 * 3   # per bucket: SigLIP + one program per task
+  assert set(engine.programs) == {("encode", 32), ("encode", 36), ("generate", 32, 8, 3), ("generate", 32, 8, 2),
+                                  ("generate", 36, 8, 3), ("generate", 36, 8, 2)}
+  many = np.concatenate([u8] * 5)   # 40 images: 36 + a partial batch of 4
+  for rows in (many[:3], many[:33], many):
+    out = engine.annotate(rows, {"a": PROMPTS[:1] * len(rows), "b": PROMPTS[1:2] * len(rows)}, {"a": 3, "b": 2})
+    assert len(out["a"]) == len(rows)
+  assert engine.compile_counts()["mid_job"] == 0
+  assert engine.take_compile_counts() == (n, 0) and engine.take_compile_counts() == (0, 0)
+  # A prompt in a longer bucket than the warmed-up one is a (counted) mid-job compile.
+  engine.annotate(u8[:1], {"a": [PROMPTS[0] + [5] * 20]}, {"a": 3})
+  assert engine.compile_counts()["mid_job"] >= 1
 
 
 def test_variant_registry_sizes(capsys):

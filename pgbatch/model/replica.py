@@ -48,9 +48,9 @@ class PaliGemma:
     return self.mesh.shape["data"] if self.mesh is not None else 1
 
   def put_batch(self, array):
-    """Places a batch-leading array: sharded over "data" on a mesh."""
+    """Places a batch-leading array: sharded over "data" on a mesh (device_put compiles nothing)."""
     if self.mesh is None:
-      return jnp.asarray(array)
+      return jax.device_put(array)
     return jax.device_put(array, sharding.batch_sharding(self.mesh, np.ndim(array)))
 
   def encode_images(self, images):

@@ -83,6 +83,7 @@ def _commit_loop(ds, spec, sink, info: dict, summary: Summary, bar: Progress, st
   for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
     bar.update(images=batch.num_rows, shard_rows=dict(zip(batch.column("shard").to_pylist(),
                                                           batch.column(plan_lib.SHARD_ROWS).to_pylist())))
+    summary.count_compiles(*(batch.column(c) for c in plan_lib.COMPILES))
     for shard_id, table in buf.add(batch):
       held.check()
       shard = by_id[shard_id]

@@ -19,7 +19,8 @@ from pgbatch import annotate, placement, rows, schema
 log = logging.getLogger(__name__)
 SHARD_ROWS = rows.SHARD_ROWS
 READ_AT = rows.READ_AT     # epoch seconds when the shard was read (per-shard latency in the manifest)
-INTERNAL = (SHARD_ROWS, READ_AT)
+COMPILES = (rows.COMPILES_WARM_UP, rows.COMPILES_MID_JOB)  # the annotate actors' XLA compiles (summed by the driver)
+INTERNAL = (SHARD_ROWS, READ_AT, *COMPILES)
 # Read/decode tasks: an exception that escapes them (a transient I/O error; bad data becomes error rows) is
 # retried a few times before the run fails; the shard is then redone by the next run.
 RETRY_ARGS = {"max_retries": 5, "retry_exceptions": True}
@@ -177,7 +178,19 @@ class AnnotatorActor:
     out = self.annotator(batch["pixels"], [str(s) for s in batch["status"]],
                          [e if isinstance(e, dict) else None for e in batch[rows.ERROR]], widths, heights,
                          batch.get("metadata"))
-    return annotated_table(batch, out, widths, heights, self.provenance)
+    table = annotated_table(batch, out, widths, heights, self.provenance)
+    return with_compile_counts(table, self.annotator.engine.take_compile_counts())
+
+
+def with_compile_counts(table: pa.Table, counts: tuple[int, int]) -> pa.Table:
+  """`COMPILES` columns: (warm-up, mid-job) XLA compiles on the first row, 0 on the others (so their sums over
+  every row of the job are the actors' compiles)."""
+  for name, count in zip(COMPILES, counts):
+    col = [0] * table.num_rows
+    if col:
+      col[0] = int(count)
+    table = table.append_column(pa.field(name, pa.int64()), pa.array(col, pa.int64()))
+  return table
 
 
 class SafetyPost:

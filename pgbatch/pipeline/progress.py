@@ -172,6 +172,13 @@ class Summary:
   phases: dict = dataclasses.field(default_factory=dict)   # phase name -> seconds (pgbatch.progress.PHASES)
   changed: list = dataclasses.field(default_factory=list)  # committed shards whose input changed since commit
   model_error: bool = False       # the failure is the model failing to load in the actors (exit 2)
+  compiles: dict = dataclasses.field(default_factory=lambda: {"warm_up": 0, "mid_job": 0})  # annotate actors' XLA
+
+  def count_compiles(self, warm_up, mid_job) -> None:
+    """Adds a batch's compile columns (`plan.COMPILES`: Arrow int64 columns) to `compiles`."""
+    import pyarrow.compute as pc
+    for key, col in (("warm_up", warm_up), ("mid_job", mid_job)):
+      self.compiles[key] += int(pc.sum(col).as_py() or 0)
 
   @property
   def success(self) -> bool:
